@@ -1,0 +1,341 @@
+"""The MM-LLM: encoders -> input projectors -> backbone -> output projectors -> generators.
+
+Only the backbone loads up front. Each modality's encoder, projectors and generator load the
+first time that modality is used, once, so a text-only turn never pays for Stable Diffusion.
+
+Trained parts (projectors, new-token embedding rows, LoRA adapters) live in one safetensors
+file. For inference a projector must have trained weights there: running a random projector
+would hand the user noise (NExT-GPT #124), so that is an error naming what is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.backbone import PLACEHOLDERS, Backbone, count_parameters
+from models.errors import ConfigError, UntrainedProjectorError
+from models.input_projectors import build_input_projector
+from models.output_projectors import OutputProjector, alignment_loss
+from models.specs import ProfileSpec
+
+OUTPUT_MODALITIES = ("image", "audio")
+
+
+@dataclass
+class Example:
+    """One training conversation, tokenized. Features are raw encoder outputs (cacheable)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # per output modality, one conditioning target per signal span, in order of appearance
+    targets: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+
+@dataclass
+class Losses:
+    loss: torch.Tensor
+    text: torch.Tensor
+    alignment: torch.Tensor | None
+
+
+@dataclass
+class SignalSpan:
+    modality: str
+    start: int  # character offsets of the span's tokens in Generation.text
+    end: int
+    conditioning: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Generation:
+    text: str  # what the backbone wrote, signal tokens included as [IMG0]..
+    token_ids: list[int]
+    spans: list[SignalSpan]
+
+
+class MMLLM(nn.Module):
+    def __init__(self, profile: ProfileSpec, backbone: Backbone, *, require_trained: bool = True,
+                 weights_dir: Path | None = None):
+        super().__init__()
+        self.profile = profile
+        self.backbone = backbone
+        self.require_trained = require_trained
+        self.encoders: dict[str, nn.Module] = {}  # frozen; not submodules, so never saved
+        self.generators: dict[str, object] = {}
+        self.input_projectors = nn.ModuleDict()
+        self.output_projectors = nn.ModuleDict()
+        self._weights = self._read_weights(weights_dir)
+        if self._weights:
+            self._load_backbone_extras()
+
+    @classmethod
+    def from_profile(cls, profile: ProfileSpec, *, require_trained: bool = True,
+                     weights_dir: Path | None = None) -> "MMLLM":
+        return cls(profile, Backbone.from_spec(profile.backbone), require_trained=require_trained,
+                   weights_dir=weights_dir)
+
+    # --- trained weights --------------------------------------------------------------------
+
+    def _weights_path(self, weights_dir: Path | None) -> Path | None:
+        if self.profile.projector_weights is None:
+            return None
+        path = Path(self.profile.projector_weights).expanduser()
+        if not path.is_absolute() and weights_dir is not None:
+            path = weights_dir / path
+        return path
+
+    def _read_weights(self, weights_dir: Path | None) -> dict[str, torch.Tensor]:
+        path = self._weights_path(weights_dir)
+        self.weights_file = path
+        if path is None or not path.exists():
+            return {}
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+
+    def _section(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in self._weights.items() if k.startswith(prefix)}
+
+    def _load_trained(self, module: nn.Module, prefix: str, what: str) -> None:
+        state = self._section(prefix)
+        if not state:
+            if self.require_trained:
+                where = self.weights_file or "no projector_weights file is set in the profile"
+                raise UntrainedProjectorError(
+                    f"the {what} has no trained weights ({where}); it would produce noise. "
+                    "Train it with `signalgraph train`, or point projector_weights at a trained file"
+                )
+            return
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UntrainedProjectorError(
+                f"the trained weights for the {what} in {self.weights_file} do not fit this profile: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}; retrain or fix the profile"
+            )
+
+    def _load_backbone_extras(self) -> None:
+        rows = self._weights.get("backbone.new_token_embeddings")
+        if rows is not None:
+            ids = torch.tensor(self.backbone.new_token_ids)
+            with torch.no_grad():
+                self.backbone.input_embeddings().weight[ids] = rows.to(self.backbone.dtype)
+        lora = self._section("backbone.lora.")
+        if lora:
+            from peft import set_peft_model_state_dict
+
+            self.backbone.enable_lora()
+            set_peft_model_state_dict(self.backbone.model, lora)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Everything training changes, and nothing frozen: what a checkpoint holds."""
+        state = {f"input_projectors.{k}": v for k, v in self.input_projectors.state_dict().items()}
+        state |= {f"output_projectors.{k}": v for k, v in self.output_projectors.state_dict().items()}
+        ids = torch.tensor(self.backbone.new_token_ids)
+        state["backbone.new_token_embeddings"] = self.backbone.input_embeddings().weight[ids]
+        if self.backbone.has_lora:
+            from peft import get_peft_model_state_dict
+
+            lora = get_peft_model_state_dict(self.backbone.model)
+            state |= {f"backbone.lora.{k}": v for k, v in lora.items()}
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def save_trained(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self.trained_state(), str(path), metadata={"profile": self.profile.model_dump_json()})
+
+    # --- lazily built parts -----------------------------------------------------------------
+
+    def encoder(self, modality: str) -> nn.Module:
+        if modality not in self.encoders:
+            from models import encoders
+
+            if modality in ("image", "video"):
+                if self.profile.image_encoder is None:
+                    raise ConfigError(f"the profile {self.profile.name!r} has no image encoder, so it cannot read {modality}")
+                image = self.encoders.get("image") or encoders.build_image_encoder(self.profile.image_encoder)
+                self.encoders["image"] = image
+                if modality == "video":
+                    self.encoders["video"] = encoders.VideoEncoder(image)
+            elif modality == "audio":
+                if self.profile.audio_encoder is None:
+                    raise ConfigError(f"the profile {self.profile.name!r} has no audio encoder")
+                self.encoders["audio"] = encoders.build_audio_encoder(self.profile.audio_encoder)
+            else:
+                raise ConfigError(f"unknown input modality {modality!r}; use one of {', '.join(PLACEHOLDERS)}")
+        return self.encoders[modality]
+
+    def input_projector(self, modality: str) -> nn.Module:
+        # video frames go through the image encoder, and share its projector unless one is given
+        key = modality if modality in self.profile.input_projectors else ("image" if modality == "video" else modality)
+        if key not in self.input_projectors:
+            spec = self.profile.input_projectors.get(key)
+            if spec is None:
+                raise ConfigError(f"the profile {self.profile.name!r} has no input projector for {modality}")
+            in_dim = self.encoder("image" if key == "video" else key).hidden_size
+            projector = build_input_projector(spec.type, in_dim, self.backbone.hidden_size)
+            projector.to(device=self.backbone.device, dtype=torch.float32)
+            self._load_trained(projector, f"input_projectors.{key}.", f"{key} input projector")
+            self.input_projectors[key] = projector
+        return self.input_projectors[key]
+
+    def generator(self, modality: str):
+        if modality not in self.generators:
+            from models import generators
+
+            if modality == "image" and self.profile.image_generator is not None:
+                self.generators[modality] = generators.build_image_generator(self.profile.image_generator)
+            elif modality == "audio" and self.profile.audio_generator is not None:
+                self.generators[modality] = generators.build_audio_generator(self.profile.audio_generator)
+            else:
+                raise ConfigError(f"the profile {self.profile.name!r} has no {modality} generator")
+        return self.generators[modality]
+
+    def output_projector(self, modality: str) -> OutputProjector:
+        if modality not in self.output_projectors:
+            spec = self.profile.output_projectors.get(modality)
+            if spec is None:
+                raise ConfigError(f"the profile {self.profile.name!r} has no output projector for {modality}")
+            shapes = self.generator(modality).conditioning_shapes()
+            projector = OutputProjector(spec, self.backbone.hidden_size,
+                                        self.backbone.signal_counts[modality], shapes)
+            projector.to(device=self.backbone.device, dtype=torch.float32)
+            self._load_trained(projector, f"output_projectors.{modality}.", f"{modality} output projector")
+            self.output_projectors[modality] = projector
+        return self.output_projectors[modality]
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, modality: str, items: list) -> list[torch.Tensor]:
+        """Raw encoder features, one (T, d_enc) tensor per item. Frozen, so cacheable."""
+        if not items:
+            return []
+        encoder = self.encoder(modality)
+        feats = encoder.encode(items)
+        return [f.float().cpu() for f in feats]
+
+    def project(self, modality: str, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        projector = self.input_projector(modality)
+        device = self.backbone.device
+        return [projector(f.to(device=device, dtype=torch.float32).unsqueeze(0))[0] for f in features]
+
+    # --- training ---------------------------------------------------------------------------
+
+    def forward(self, examples: list[Example], *, alignment_weight: float = 1.0) -> Losses:
+        items = []
+        for ex in examples:
+            projected = {m: self.project(m, feats) for m, feats in ex.features.items() if feats}
+            items.append(self.backbone.splice(ex.input_ids, projected, ex.labels))
+        inputs = self.backbone.collate(items, padding_side="right")
+        wants_alignment = any(ex.targets for ex in examples)
+        out = self.backbone(inputs, output_hidden_states=wants_alignment)
+        align = None
+        if wants_alignment:
+            align = self._alignment(out.hidden_states[-1], inputs.token_map, examples)
+        loss = out.loss if align is None else out.loss + alignment_weight * align
+        return Losses(loss, out.loss, align)
+
+    def _alignment(self, hidden: torch.Tensor, token_map: torch.Tensor, examples: list[Example]) -> torch.Tensor | None:
+        losses = []
+        for modality in OUTPUT_MODALITIES:
+            spans = self.backbone.signal_states(hidden, token_map, modality)
+            if not spans:
+                continue
+            seen: dict[int, int] = {}
+            states, targets = [], []
+            for row, _, state in spans:
+                index = seen.get(row, 0)
+                seen[row] = index + 1
+                row_targets = examples[row].targets.get(modality, [])
+                if index < len(row_targets):
+                    states.append(state.float())
+                    targets.append(row_targets[index])
+            if states:
+                predicted = self.output_projector(modality)(torch.stack(states))
+                target = {k: torch.stack([t[k] for t in targets]).to(hidden.device) for k in predicted}
+                losses.append(alignment_loss(predicted, target))
+        return torch.stack(losses).mean() if losses else None
+
+    def parameter_counts(self) -> dict[str, tuple[int, int]]:
+        """(trainable, total) per part, for the ~2% figure the survey quotes."""
+        counts = {"backbone": count_parameters(self.backbone)}
+        counts |= {f"encoder.{m}": count_parameters(e) for m, e in self.encoders.items() if m != "video"}
+        counts |= {f"input_projector.{m}": count_parameters(p) for m, p in self.input_projectors.items()}
+        counts |= {f"output_projector.{m}": count_parameters(p) for m, p in self.output_projectors.items()}
+        return counts
+
+    # --- inference --------------------------------------------------------------------------
+
+    def _prompt(self, messages: list[dict], media: dict[str, list]) -> list[dict]:
+        """Put missing placeholders at the start of the last user message (LLaVA's convention)."""
+        messages = [dict(m) for m in messages]
+        last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
+        if last_user is None:
+            raise ConfigError("a conversation needs at least one user message")
+        text = "".join(m["content"] for m in messages)
+        prefix = ""
+        for modality, items in media.items():
+            missing = len(items) - text.count(PLACEHOLDERS[modality])
+            prefix += (PLACEHOLDERS[modality] + "\n") * max(missing, 0)
+        last_user["content"] = prefix + last_user["content"]
+        return messages
+
+    @torch.no_grad()
+    def generate(self, messages: list[dict], *, images: list | None = None, audios: list | None = None,
+                 videos: list | None = None, max_new_tokens: int | None = None) -> Generation:
+        """Greedy generation; signal spans come back with their projected conditioning."""
+        from transformers import LogitsProcessorList
+
+        from models.signal_decoding import SignalSpanProcessor
+
+        media = {m: items for m, items in (("image", images), ("audio", audios), ("video", videos)) if items}
+        prompt_ids = self.backbone.chat_ids(self._prompt(messages, media))
+        features = {m: self.project(m, self.encode(m, items)) for m, items in media.items()}
+        embeds, token_map, _ = self.backbone.splice(prompt_ids, features)
+        inputs = self.backbone.collate([(embeds, token_map, None)], padding_side="left")
+        tokenizer = self.backbone.tokenizer
+        processor = SignalSpanProcessor(self.backbone.signal_ids)
+        new_ids = self.backbone.model.generate(
+            inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens or self.profile.backbone.max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([processor]),
+        )[0].tolist()
+        stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        while new_ids and new_ids[-1] in stop:
+            new_ids.pop()
+        return self._with_spans(inputs, new_ids)
+
+    def _with_spans(self, inputs, new_ids: list[int]) -> Generation:
+        tokenizer = self.backbone.tokenizer
+        # character offset of each token, so spans can point into the text
+        offsets = [len(tokenizer.decode(new_ids[:i], skip_special_tokens=False)) for i in range(len(new_ids))]
+        text = tokenizer.decode(new_ids, skip_special_tokens=False)
+        spans: list[SignalSpan] = []
+        wanted = [m for m in OUTPUT_MODALITIES if any(t in new_ids for t in self.backbone.signal_ids.get(m, []))]
+        if not wanted:
+            return Generation(text, new_ids, spans)
+        ids = torch.tensor([new_ids], device=self.backbone.device)
+        embeds = torch.cat([inputs.embeds, self.backbone.input_embeddings()(ids)], dim=1)
+        mask = torch.cat([inputs.attention_mask, torch.ones_like(ids)], dim=1)
+        token_map = torch.cat([inputs.token_map, ids], dim=1)
+        hidden = self.backbone.model(inputs_embeds=embeds, attention_mask=mask,
+                                     output_hidden_states=True).hidden_states[-1]
+        prompt_len = inputs.embeds.shape[1]
+        for modality in wanted:
+            for _, start, state in self.backbone.signal_states(hidden, token_map, modality):
+                first = start - prompt_len
+                last = first + len(self.backbone.signal_ids[modality])
+                end = offsets[last] if last < len(offsets) else len(text)
+                conditioning = self.output_projector(modality)(state.float().unsqueeze(0))
+                spans.append(SignalSpan(modality, offsets[first], end,
+                                        {k: v[0] for k, v in conditioning.items()}))
+        spans.sort(key=lambda s: s.start)
+        return Generation(text, new_ids, spans)
+
