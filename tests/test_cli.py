@@ -1,0 +1,43 @@
+"""The command line as a user meets it: real subprocesses, no tracebacks for user errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, env_profile: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "agent.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "models" in result.stdout and "demo" in result.stdout
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = "import sys; from agent.cli import main; main(['--help']) if False else None; " \
+           "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--profile", "nope", "models"), "no profile is called 'nope'"),
+    (("--profile", "full", "demo"), "Qwen/Qwen2.5-7B-Instruct"),
+    (("--profile", "/no/such/profile.yaml", "models"), "does not exist"),
+])
+def test_user_errors_are_one_clear_line_not_a_traceback(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.startswith("error:")
+    assert "Traceback" not in result.stderr
+
+
+def test_models_lists_the_tiny_profile():
+    result = run("--profile", "tiny", "models")
+    assert result.returncode == 0
+    for role in ("backbone", "image encoder", "image generator", "input projector (image)"):
+        assert role in result.stdout
