@@ -107,7 +107,11 @@ def _atomic_build(dest: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         build(tmp)
-        tmp.rename(dest)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.exists():  # another process may have finished the same build first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
