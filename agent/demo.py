@@ -50,8 +50,16 @@ def run_demo(profile_name: str | None, out: str) -> int:
         from models.transcriber import build_transcriber
 
         with _step(f"speech to text ({profile.transcriber.source})"):
-            transcript = build_transcriber(profile.transcriber).transcribe(load_audio(spoken, profile.limits))
+            audio = load_audio(spoken, profile.limits)
+            transcript = build_transcriber(profile.transcriber).transcribe(audio)
             print(f"   heard: {transcript.text.strip()!r}")
+
+    if profile.audio_encoder is not None and spoken is not None:
+        from models.encoders import build_audio_encoder
+
+        with _step(f"audio encoder ({profile.audio_encoder.source})"):
+            features = build_audio_encoder(profile.audio_encoder).encode([audio])
+            print(f"   {spoken.name}: {tuple(features.shape[1:])} feature frames for the input projector")
 
     if profile.image_encoder is not None:
         from models.encoders import build_image_encoder

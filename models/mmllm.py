@@ -135,14 +135,14 @@ class MMLLM(nn.Module):
         """Everything training changes, and nothing frozen: what a checkpoint holds."""
         state = {f"input_projectors.{k}": v for k, v in self.input_projectors.state_dict().items()}
         state |= {f"output_projectors.{k}": v for k, v in self.output_projectors.state_dict().items()}
-        ids = torch.tensor(self.backbone.new_token_ids)
-        state["backbone.new_token_embeddings"] = self.backbone.input_embeddings().weight[ids]
+        state["backbone.new_token_embeddings"] = self.backbone.new_token_embeddings()
         if self.backbone.has_lora:
             from peft import get_peft_model_state_dict
 
             lora = get_peft_model_state_dict(self.backbone.model)
             state |= {f"backbone.lora.{k}": v for k, v in lora.items()}
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        # clone: peft's tensors can share storage, which safetensors refuses to write
+        return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
     def save_trained(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -162,7 +162,7 @@ class MMLLM(nn.Module):
                 image = self.encoders.get("image") or encoders.build_image_encoder(self.profile.image_encoder)
                 self.encoders["image"] = image
                 if modality == "video":
-                    self.encoders["video"] = encoders.VideoEncoder(image)
+                    self.encoders["video"] = encoders.VideoEncoder(image, frames=self.profile.video.frames)
             elif modality == "audio":
                 if self.profile.audio_encoder is None:
                     raise ConfigError(f"the profile {self.profile.name!r} has no audio encoder")
