@@ -14,7 +14,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--profile", help="profile name (local, tiny, full) or a YAML file; "
                                           "default $SIGNALGRAPH_PROFILE or local")
+    parser.add_argument("--config", help="agent config YAML (data folder, allowed folders, tool allowlists); "
+                                         "default $SIGNALGRAPH_CONFIG or ./signalgraph.yaml")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="talk with the assistant; the session persists across runs")
+    chat.add_argument("--session", default="default", help="session name (resumes it if it exists)")
+    chat.add_argument("--trace", action="store_true", help="show each turn's routing decisions")
+
+    ask = commands.add_parser("ask", help="one turn, scriptable")
+    ask.add_argument("question")
+    for kind in ("image", "audio", "video"):
+        ask.add_argument(f"--{kind}", action="append", metavar="PATH", help=f"attach {kind} (repeatable)")
+    ask.add_argument("--session", help="session name (default: a new one)")
+    ask.add_argument("--json", action="store_true", help="print the reply, media and trace as JSON")
+    ask.add_argument("--trace", action="store_true", help="show the routing decisions")
+
+    kb = commands.add_parser("kb", help="the knowledge base used for retrieval")
+    kb_sub = kb.add_subparsers(dest="action", metavar="ACTION", required=True)
+    kb_add = kb_sub.add_parser("add", help="ingest text, Markdown, PDF, audio and image files or folders")
+    kb_add.add_argument("paths", nargs="+")
+    kb_search = kb_sub.add_parser("search", help="print the passages closest to a query, with sources")
+    kb_search.add_argument("query")
+    kb_search.add_argument("-k", type=int, default=5)
+
+    sessions = commands.add_parser("sessions", help="list sessions, or delete one")
+    sessions_sub = sessions.add_subparsers(dest="action", metavar="ACTION")
+    delete = sessions_sub.add_parser("delete", help="delete a session, its messages and its media")
+    delete.add_argument("name")
 
     models = commands.add_parser("models", help="list the active profile's models, or prepare them")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION")
@@ -41,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "prepare":
                 return prepare_models(args.profile, download=args.download)
             return list_models(args.profile)
+        if args.command in ("chat", "ask", "kb", "sessions"):
+            from agent import turn_commands
+
+            return getattr(turn_commands, args.command)(args)
         if args.command == "demo":
             from agent.demo import run_demo
 

@@ -49,6 +49,7 @@ class SignalSpan:
     start: int  # character offsets of the span's tokens in Generation.text
     end: int
     conditioning: dict[str, torch.Tensor] | None = None
+    error: str | None = None  # why there is no conditioning (e.g. an untrained output projector)
 
 
 @dataclass
@@ -339,7 +340,11 @@ class MMLLM(nn.Module):
                 first = start - prompt_len
                 last = first + len(self.backbone.signal_ids[modality])
                 end = offsets[last] if last < len(offsets) else len(text)
-                conditioning = self.output_projector(modality)(state.float().unsqueeze(0))
+                try:
+                    conditioning = self.output_projector(modality)(state.float().unsqueeze(0))
+                except (UntrainedProjectorError, ConfigError) as exc:  # the text stands; say why no media
+                    spans.append(SignalSpan(modality, offsets[first], end, None, str(exc)))
+                    continue
                 spans.append(SignalSpan(modality, offsets[first], end,
                                         {k: v[0] for k, v in conditioning.items()}))
         spans.sort(key=lambda s: s.start)

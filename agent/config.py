@@ -1,0 +1,52 @@
+"""The agent's own settings (which profile, where data lives, which tools each session may use).
+
+Read from `--config FILE`, else $SIGNALGRAPH_CONFIG, else ./signalgraph.yaml if present, else defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.assets import home
+from models.errors import ConfigError
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str | None = None  # name or YAML path; default $SIGNALGRAPH_PROFILE or local
+    data_dir: Path = Field(default_factory=lambda: home() / "data")  # sessions, media, knowledge base
+    # folders whose files users may attach; anything else (../ included) is refused
+    allowed_dirs: list[Path] = Field(default_factory=lambda: [Path.cwd()])
+    tools: list[str] | None = None  # the default allowlist; None allows every tool
+    session_tools: dict[str, list[str]] = {}  # per-session allowlists, by session name
+    max_steps: int = Field(3, ge=1, le=10)  # think -> act rounds per turn
+    tool_timeout: float = Field(120.0, gt=0)
+    retrieve_k: int = Field(3, ge=0)
+    max_new_tokens: int | None = None
+
+    def tools_for(self, session: str) -> list[str] | None:
+        return self.session_tools.get(session, self.tools)
+
+
+def load_config(path: str | None = None) -> AgentConfig:
+    path = path or os.environ.get("SIGNALGRAPH_CONFIG")
+    if path is None and Path("signalgraph.yaml").exists():
+        path = "signalgraph.yaml"
+    if path is None:
+        return AgentConfig()
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise ConfigError(f"the config file {str(file)!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+        return AgentConfig.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file} is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"config {str(file)!r} is invalid: {problems}") from None

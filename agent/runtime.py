@@ -1,0 +1,129 @@
+"""Build the running system from config and profile: store, knowledge base, tools, model, controller."""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import cached_property
+from pathlib import Path
+
+from agent.config import AgentConfig
+from models.profiles import check_ready, load_profile
+from models.specs import ProfileSpec
+
+KB_SESSION = "knowledge-base"  # the media store's session for files ingested into the knowledge base
+
+
+class Runtime:
+    """Everything lives under `config.data_dir`; heavy models load on first use, once."""
+
+    def __init__(self, config: AgentConfig, profile: ProfileSpec | None = None, *, thinker=None):
+        self.config = config
+        self.profile = profile or load_profile(config.profile)
+        check_ready(self.profile)
+        from tools.media_store import MediaStore
+        from tools.model_pool import default_pool
+
+        self.data_dir = Path(config.data_dir).expanduser()
+        self.store = MediaStore(self.data_dir / "media", allowed_dirs=config.allowed_dirs, limits=self.profile.limits)
+        self.pool = default_pool()
+        self._thinker = thinker
+        self._tools: dict[str, list] = {}
+
+    @cached_property
+    def knowledge_base(self):
+        if self.profile.embedder is None:
+            return None
+        from tools.embeddings import MiniLMEmbeddings
+        from tools.knowledge_base import KnowledgeBase
+
+        return KnowledgeBase(self.data_dir / "knowledge.sqlite", MiniLMEmbeddings(self.profile.embedder))
+
+    def tools(self, session: str) -> list:
+        if session not in self._tools:
+            from tools.expert_tools import ToolContext, build_tools
+
+            context = ToolContext(session=session, profile=self.profile, store=self.store, pool=self.pool,
+                                  output_dir=self.data_dir / "outputs", knowledge_base=self.knowledge_base)
+            self._tools[session] = build_tools(context, allow=self.config.tools_for(session))
+        return self._tools[session]
+
+    @cached_property
+    def thinker(self):
+        if self._thinker is not None:
+            return self._thinker
+        from graphs.thinker import BackboneThinker, ConditioningCache
+        from models.mmllm import MMLLM
+
+        return BackboneThinker(MMLLM.from_profile(self.profile), ConditioningCache(),
+                               max_new_tokens=self.config.max_new_tokens)
+
+    @cached_property
+    def controller(self):
+        from graphs.controller import Controller
+
+        mm = getattr(self.thinker, "mm", None)
+        return Controller(thinker=self.thinker, store=self.store, tools_for=self.tools, data_dir=self.data_dir,
+                          knowledge_base=self.knowledge_base, generate=self._generator(mm) if mm else None,
+                          max_steps=self.config.max_steps, tool_timeout=self.config.tool_timeout,
+                          retrieve_k=self.config.retrieve_k)
+
+    @staticmethod
+    def _generator(mm):
+        def generate(modality: str, conditioning: dict):
+            generator = mm.generator(modality)
+            batch = {name: tensor.unsqueeze(0) for name, tensor in conditioning.items()}
+            if modality == "image":
+                image = generator.generate(batch)[0]
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                return buffer.getvalue(), ".png", {"via": "output projector"}
+            import soundfile
+
+            buffer = io.BytesIO()
+            soundfile.write(buffer, generator.generate(batch)[0], generator.sample_rate, format="WAV")
+            return buffer.getvalue(), ".wav", {"via": "output projector"}
+
+        return generate
+
+    # --- knowledge base ingestion: media go through the same tools a session uses ------------
+
+    def _media_text(self, tool: str, argument: str, kind: str):
+        def callback(path: Path) -> tuple[str, str]:
+            record = self.store.add_file(KB_SESSION, path, kind)
+            tools = {t.name: t for t in self.tools(KB_SESSION)}
+            result = tools[tool].invoke({argument: record.id})
+            if isinstance(result, str):  # a tool error comes back as its message
+                raise ValueError(result)
+            if "text" in result:
+                return record.id, result["text"]
+            return record.id, "Image showing " + ", ".join(label["label"] for label in result["labels"])
+
+        return callback
+
+    def ingest(self, paths: list[str], progress=None):
+        from tools.ingest import ingest_paths
+
+        if self.knowledge_base is None:
+            from models.errors import ConfigError
+
+            raise ConfigError(f"profile {self.profile.name!r} has no embedder, so it has no knowledge base")
+        names = {t.name for t in self.tools(KB_SESSION)}
+        return ingest_paths(
+            self.knowledge_base, paths, progress=progress,
+            transcribe=self._media_text("transcribe", "audio", "audio") if "transcribe" in names else None,
+            describe=self._media_text("describe_image", "image", "image") if "describe_image" in names else None,
+        )
+
+    def close(self) -> None:
+        if "controller" in self.__dict__:
+            self.controller.close()
+
+
+def trace_lines(trace: list[dict]) -> list[str]:
+    """The routing decisions of a turn, one short line each, for `--trace`."""
+    lines = []
+    for entry in trace:
+        details = {k: v for k, v in entry.items() if k not in ("step", "time") and v not in (None, [], "", {})}
+        lines.append(f"  {entry['step']:<9}{json.dumps(details, default=str)[:300]}")
+    return lines

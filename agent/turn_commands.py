@@ -1,0 +1,117 @@
+"""`signalgraph chat`, `ask`, `kb` and `sessions`: the controller as a person uses it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from agent.config import load_config
+from agent.runtime import Runtime, trace_lines
+
+ATTACH = {"/image": "image", "/audio": "audio", "/video": "video"}
+
+
+def _runtime(args) -> Runtime:
+    config = load_config(args.config)
+    if args.profile:
+        config.profile = args.profile
+    return Runtime(config)
+
+
+def _show(result, trace: bool) -> None:
+    for item in result.media:
+        print(f"  [{item['kind']}] {item['id']}: {item['path']}")
+    if trace:
+        print("\n".join(trace_lines(result.trace)))
+
+
+def chat(args) -> int:
+    runtime = _runtime(args)
+    session = args.session
+    pending: list[dict] = []
+    print(f"session {session!r} (profile {runtime.profile.name}); attach with /image, /audio, /video PATH; "
+          "/quit to leave", flush=True)
+    state = runtime.controller.state(session)
+    if state.get("messages"):
+        print(f"(resuming: {len(state['messages'])} messages so far)")
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            command, _, rest = line.partition(" ")
+            if command == "/quit":
+                break
+            if command in ATTACH:
+                pending.append({"kind": ATTACH[command], "path": rest.strip()})
+                print(f"  (will attach {rest.strip()} to your next message)")
+                continue
+            print("assistant> ", end="", flush=True)
+            result = runtime.controller.turn(session, line, pending,
+                                             on_text=lambda text: print(text, end="", flush=True))
+            print()
+            _show(result, args.trace)
+            pending = []
+    finally:
+        runtime.close()
+    return 0
+
+
+def ask(args) -> int:
+    runtime = _runtime(args)
+    session = args.session or f"ask-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
+    attachments = [{"kind": kind, "path": path} for kind in ("image", "audio", "video")
+                   for path in getattr(args, kind) or []]
+    stream = None if args.json else (lambda text: print(text, end="", flush=True))
+    try:
+        result = runtime.controller.turn(session, args.question, attachments, on_text=stream)
+    finally:
+        runtime.close()
+    if args.json:
+        print(json.dumps({"session": result.session, "text": result.text, "media": result.media,
+                          "trace": result.trace}, indent=2, default=str))
+    else:
+        print()
+        _show(result, args.trace)
+    return 0
+
+
+def kb(args) -> int:
+    runtime = _runtime(args)
+    if args.action == "add":
+        from tqdm import tqdm
+
+        bar = tqdm(desc="ingesting", unit="file")
+        report = runtime.ingest(args.paths, progress=lambda path: (bar.set_postfix_str(path.name), bar.update()))
+        bar.close()
+        print(report.summary())
+        return 0 if not report.skipped or report.chunks_added else 1
+    hits = runtime.knowledge_base.similarity_search_with_score(args.query, k=args.k)
+    if not hits:
+        print("no passages; add some with `signalgraph kb add PATH...`")
+    for rank, (doc, score) in enumerate(hits, 1):
+        where = f"{doc.metadata.get('source')}#{doc.metadata.get('position')}"
+        media = f" (media {doc.metadata['media']})" if doc.metadata.get("media") else ""
+        print(f"{rank}. [{score:.3f}] {where}{media}\n   {doc.page_content[:200]!r}")
+    return 0
+
+
+def sessions(args) -> int:
+    runtime = _runtime(args)
+    controller = runtime.controller
+    if args.action == "delete":
+        if args.name not in controller.sessions():
+            from models.errors import ConfigError
+
+            raise ConfigError(f"there is no session called {args.name!r}; see `signalgraph sessions`")
+        controller.delete_session(args.name)
+        print(f"deleted session {args.name!r}")
+        return 0
+    for name in controller.sessions():
+        state = controller.state(name)
+        print(f"{name}\t{len(state.get('messages', []))} messages")
+    return 0

@@ -1,0 +1,258 @@
+"""One conversational turn as a LangGraph graph, and the sessions it persists.
+
+    ingest -> retrieve -> think -> route -> act (parallel, one per tool call) -> collect -> think ...
+                                        \\-> generate (signal spans -> output projector -> generator) -> respond
+                                         \\-> respond
+
+Tool calls go to expert tools (the survey's "tool usage" axis); signal spans go to the model's
+own output projectors and generators ("end-to-end"). Every decision lands in the trace, which is
+persisted with the session.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langgraph.config import get_stream_writer
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Send
+
+from graphs.state import TurnState
+from graphs.thinker import Thinker
+from models.errors import SignalgraphError
+
+
+@dataclass
+class TurnResult:
+    session: str
+    text: str
+    media: list[dict]  # generated this turn: {"id", "kind", "path"}
+    trace: list[dict]  # this turn's routing decisions and tool calls
+
+
+def _entry(step: str, **details) -> dict:
+    return {"step": step, "time": round(time.time(), 3), **details}
+
+
+class Controller:
+    """Runs turns for isolated, persistent sessions."""
+
+    def __init__(self, *, thinker: Thinker, store, tools_for: Callable[[str], list], data_dir: Path,
+                 knowledge_base=None, generate: Callable | None = None, max_steps: int = 3,
+                 tool_timeout: float = 120.0, retrieve_k: int = 3):
+        self.thinker = thinker
+        self.store = store
+        self.tools_for = tools_for  # session id -> that session's allowed LangChain tools
+        self.knowledge_base = knowledge_base
+        self.generate = generate  # (modality, conditioning) -> (bytes, suffix, meta)
+        self.max_steps = max_steps
+        self.tool_timeout = tool_timeout
+        self.retrieve_k = retrieve_k
+        data_dir.mkdir(parents=True, exist_ok=True)
+        from langgraph.checkpoint.sqlite import SqliteSaver
+
+        self._conn = sqlite3.connect(data_dir / "sessions.sqlite", check_same_thread=False)
+        self.saver = SqliteSaver(self._conn)
+        self.saver.setup()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tool")
+        self.graph = self._build().compile(checkpointer=self.saver)
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    def _ingest(self, state: TurnState, config) -> dict:
+        session = config["configurable"]["thread_id"]
+        media, notes = [], []
+        for item in state.get("attachments", []):
+            try:
+                record = self.store.add_file(session, item["path"], item.get("kind"))
+            except SignalgraphError as exc:
+                notes.append(f"{item['path']}: {exc}")
+                continue
+            media.append(record.id)
+        human = state["messages"][-1]
+        update: dict = {"media": media, "trace": [_entry("ingest", media=media, rejected=notes)]}
+        if media:
+            content = f"{human.text}\n[attached: {', '.join(media)}]"
+            update["messages"] = [HumanMessage(content=content, id=human.id)]
+        if notes:
+            update["trace"].append(_entry("reject", reason="; ".join(notes)))
+        return update
+
+    def _retrieve(self, state: TurnState) -> dict:
+        if self.knowledge_base is None:
+            return {"passages": [], "trace": [_entry("retrieve", skipped="no knowledge base")]}
+        query = state["messages"][-1].text
+        hits = self.knowledge_base.similarity_search_with_score(query, k=self.retrieve_k)
+        passages = [{"text": doc.page_content, "source": doc.metadata.get("source", "?"),
+                     "position": doc.metadata.get("position", 0), "score": round(float(score), 3)}
+                    for doc, score in hits]
+        return {"passages": passages,
+                "trace": [_entry("retrieve", hits=[f"{p['source']}#{p['position']}" for p in passages])]}
+
+    def _think(self, state: TurnState, config) -> dict:
+        session = config["configurable"]["thread_id"]
+        tools = self.tools_for(session)
+        from tools.expert_tools import tool_schemas
+
+        media = [{"id": m, "kind": (r := self.store.get(session, m)).kind, "path": str(r.path)}
+                 for m in state.get("media", [])]
+        writer = get_stream_writer()
+        result = self.thinker.think(state["messages"], tools=tool_schemas(tools), passages=state.get("passages", []),
+                                    media=media, on_text=lambda text: writer({"text": text}))
+        step = state.get("steps", 0) + 1
+        text = result.text
+        if result.malformed and not result.tool_calls:
+            text = (text + "\n" if text else "") + "(I tried to call a tool but wrote the call wrongly: " \
+                + "; ".join(result.malformed) + ")"
+        message = AIMessage(content=text, tool_calls=[{"id": c["id"], "name": c["name"], "args": c["args"]}
+                                                      for c in result.tool_calls])
+        pending = [dict(c, index=i, step=step) for i, c in enumerate(result.tool_calls)]
+        trace = [_entry("think", round=step, wrote=result.raw[:500],
+                        tool_calls=[c["name"] for c in result.tool_calls],
+                        spans=[s["modality"] for s in result.spans], malformed=result.malformed)]
+        return {"messages": [message], "pending": pending, "spans": result.spans, "steps": step, "trace": trace}
+
+    def _route(self, state: TurnState):
+        pending = state.get("pending", [])
+        if pending and state["steps"] <= self.max_steps:
+            return [Send("act", {"call": call}) for call in pending]
+        if state.get("spans"):
+            return "generate"
+        return "respond"
+
+    def _act(self, payload: dict, config) -> dict:
+        call = payload["call"]
+        session = config["configurable"]["thread_id"]
+        started = time.perf_counter()
+        tools = {t.name: t for t in self.tools_for(session)}
+        tool = tools.get(call["name"])
+        error = None
+        if tool is None:
+            error = f"there is no tool called {call['name']!r}; available: {', '.join(sorted(tools)) or 'none'}"
+            content = error
+        else:
+            before = self._generated(session)
+            future = self._pool.submit(tool.invoke, call["args"])
+            try:
+                content = future.result(timeout=self.tool_timeout)
+            except FutureTimeout:
+                error = content = f"the tool {call['name']} did not finish within {self.tool_timeout:g} s"
+            except SignalgraphError as exc:
+                error = content = f"{call['name']} failed: {exc}"
+            except Exception as exc:  # a tool's own bug: report it to the model and the user, keep the session
+                error = content = f"{call['name']} failed: {type(exc).__name__}: {exc}"
+        # what the tool made: generated records that appeared while it ran (parallel tools may
+        # each see the others' too; collect de-duplicates)
+        created = [m for m in self._generated(session) if m not in before] if tool is not None else []
+        result = {"index": call["index"], "step": call["step"], "id": call["id"], "name": call["name"],
+                  "content": content if isinstance(content, str) else _json(content), "error": error,
+                  "created": created}
+        entry = _entry("act", tool=call["name"], args=call["args"], seconds=round(time.perf_counter() - started, 3),
+                       error=error)
+        return {"results": [result], "trace": [entry]}
+
+    def _collect(self, state: TurnState) -> dict:
+        step = state["steps"]
+        results = sorted((r for r in state.get("results", []) if r["step"] == step), key=lambda r: r["index"])
+        messages = [ToolMessage(content=r["content"], tool_call_id=r["id"], name=r["name"],
+                                status="error" if r["error"] else "success") for r in results]
+        outputs = list(dict.fromkeys(m for r in results for m in r["created"]))
+        return {"messages": messages, "pending": [], "outputs": outputs,
+                "trace": [_entry("collect", results=[r["name"] for r in results])]}
+
+    def _generated(self, session: str) -> list[str]:
+        return [r.id for r in self.store.list(session) if r.origin == "generated"]
+
+    def _after_collect(self, state: TurnState) -> str:
+        return "think" if state["steps"] < self.max_steps else "respond"
+
+    def _generate(self, state: TurnState, config) -> dict:
+        session = config["configurable"]["thread_id"]
+        outputs, trace, notes = [], [], []
+        for span in state.get("spans", []):
+            cache = getattr(self.thinker, "cache", None)
+            conditioning = cache.get(span["key"]) if cache is not None and span.get("key") else None
+            if self.generate is None or conditioning is None:
+                reason = span.get("error") or ("no generator is configured" if self.generate is None
+                                               else "its conditioning was lost when the process restarted")
+                notes.append(f"I could not make the {span['modality']}: {reason}.")
+                trace.append(_entry("generate", modality=span["modality"], error=reason))
+                continue
+            try:
+                data, suffix, meta = self.generate(span["modality"], conditioning)
+            except SignalgraphError as exc:
+                notes.append(f"I could not make the {span['modality']}: {exc}")
+                trace.append(_entry("generate", modality=span["modality"], error=str(exc)))
+                continue
+            record = self.store.add_generated(session, span["modality"], data, suffix, meta)
+            outputs.append(record.id)
+            trace.append(_entry("generate", modality=span["modality"], media=record.id, via="output projector"))
+        update: dict = {"outputs": outputs, "spans": [], "trace": trace}
+        if notes:
+            update["messages"] = [AIMessage(content=" ".join(notes))]
+        return update
+
+    def _respond(self, state: TurnState) -> dict:
+        return {"trace": [_entry("respond", outputs=state.get("outputs", []))]}
+
+    def _build(self) -> StateGraph:
+        graph = StateGraph(TurnState)
+        for name, node in [("ingest", self._ingest), ("retrieve", self._retrieve), ("think", self._think),
+                           ("act", self._act), ("collect", self._collect), ("generate", self._generate),
+                           ("respond", self._respond)]:
+            graph.add_node(name, node)
+        graph.add_edge(START, "ingest")
+        graph.add_edge("ingest", "retrieve")
+        graph.add_edge("retrieve", "think")
+        graph.add_conditional_edges("think", self._route, ["act", "generate", "respond"])
+        graph.add_edge("act", "collect")
+        graph.add_conditional_edges("collect", self._after_collect, ["think", "respond"])
+        graph.add_edge("generate", "respond")
+        graph.add_edge("respond", END)
+        return graph
+
+    # --- turns and sessions -----------------------------------------------------------------
+
+    def turn(self, session: str, text: str, attachments: list[dict] = (),
+             on_text: Callable[[str], None] | None = None) -> TurnResult:
+        config = {"configurable": {"thread_id": session}}
+        before = len(self.state(session).get("trace", []))
+        start = {"messages": [HumanMessage(content=text)], "attachments": list(attachments), "media": [],
+                 "passages": [], "pending": [], "spans": [], "results": [], "outputs": [], "steps": 0}
+        for mode, chunk in self.graph.stream(start, config, stream_mode=["custom", "updates"]):
+            if mode == "custom" and on_text is not None:
+                on_text(chunk["text"])
+        final = self.state(session)
+        reply = next((m for m in reversed(final["messages"]) if isinstance(m, AIMessage) and m.text), None)
+        media = [{"id": mid, "kind": (r := self.store.get(session, mid)).kind, "path": str(r.path)}
+                 for mid in final.get("outputs", [])]
+        return TurnResult(session, reply.text if reply else "", media, final.get("trace", [])[before:])
+
+    def state(self, session: str) -> dict:
+        return self.graph.get_state({"configurable": {"thread_id": session}}).values
+
+    def sessions(self) -> list[str]:
+        rows = self._conn.execute("SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id").fetchall()
+        return [r[0] for r in rows]
+
+    def delete_session(self, session: str) -> None:
+        self.saver.delete_thread(session)
+        self.store.delete_session(session)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._conn.close()
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+

@@ -1,0 +1,31 @@
+"""The state of one conversational turn, as LangGraph checkpoints it.
+
+It holds messages and small records only: media are ids into the media store, and signal-span
+conditioning stays in process memory under a key (tensors would bloat every checkpoint).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Annotated, TypedDict
+
+from langchain_core.messages import AnyMessage
+from langgraph.graph.message import add_messages
+
+
+def append_or_clear(old: list | None, new: list) -> list:
+    """Parallel nodes append; a turn starts by writing [] to clear the last turn's items."""
+    return [] if new == [] else [*(old or []), *new]
+
+
+class TurnState(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]  # the whole session's conversation
+    attachments: list[dict]  # this turn's inputs as given: {"kind": "image", "path": "..."}
+    media: list[str]  # media ids attached this turn
+    passages: list[dict]  # retrieved: {"text", "source", "position", "score"}
+    pending: list[dict]  # tool calls awaiting execution: {"id", "name", "args", "index"}
+    results: Annotated[list[dict], append_or_clear]  # tool results from parallel act nodes
+    spans: list[dict]  # signal spans to generate: {"modality", "key"}
+    outputs: Annotated[list[str], append_or_clear]  # media ids generated this turn
+    steps: int  # think calls this turn
+    trace: Annotated[list[dict], operator.add]  # every routing decision and tool call, in order
