@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--download", action="store_true",
                          help="fetch hub models that are not cached (needs network access to the hub)")
 
-    demo = commands.add_parser("demo", help="a short tour of the components on the active profile, offline")
+    demo = commands.add_parser("demo", help="a scripted tour through the controller on the active profile, offline")
     demo.add_argument("--out", default="results/demo", help="folder for the files the demo writes")
+    demo.add_argument("--components", action="store_true", help="instead, run each model of the profile on its own")
     return parser
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from agent.demo import run_demo
 
-            return run_demo(args.profile, args.out)
+            return run_demo(args.profile, args.out, components=args.components)
     except SignalgraphError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

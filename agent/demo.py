@@ -1,4 +1,4 @@
-"""`signalgraph demo`: each of the active profile's components doing its job on real inputs."""
+"""`signalgraph demo`: a scripted tour through the controller, or (`--components`) each model on its own."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _step(title: str):
     print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
-def run_demo(profile_name: str | None, out: str) -> int:
+def run_components(profile_name: str | None, out: str) -> int:
     profile = load_profile(profile_name)
     check_ready(profile)
     out_dir = Path(out)
@@ -99,3 +99,72 @@ def run_demo(profile_name: str | None, out: str) -> int:
             except UntrainedProjectorError as exc:
                 print(f"   {modality} input projector: not used — {exc}")
     return 0
+
+
+TOUR = [
+    # (what the user says, attachment, tools this turn may use, must it call one)
+    ("Transcribe the attached recording.", ("audio", "question.wav"), ["transcribe"], True),
+    (None, None, [], False),  # the transcribed question itself, answered from the notes
+    ("Say this aloud: {answer}", None, ["speak"], True),
+    ("What is in this photo?", ("image", "cat.jpg"), ["describe_image"], True),
+]
+
+
+def run_tour(profile_name: str | None, out: str) -> int:
+    """Speech in, retrieval, a cited answer, speech out, and a photo: each turn's route printed."""
+    import shutil
+
+    from agent.config import AgentConfig
+    from agent.runtime import Runtime, trace_lines
+
+    out_dir = Path(out)
+    data = out_dir / "data"
+    shutil.rmtree(data, ignore_errors=True)  # a fresh session and knowledge base each run
+    config = AgentConfig(profile=profile_name, data_dir=data, allowed_dirs=[EXAMPLES.parent],
+                         max_new_tokens=80, max_steps=2)
+    runtime = Runtime(config)
+    print(f"profile {runtime.profile.name}: {runtime.profile.description}")
+    with _step("knowledge base: ingest examples/notes"):
+        print("   " + runtime.ingest([str(EXAMPLES.parent / "notes")]).summary().replace("\n", "\n   "))
+    question, answer = None, None
+    try:
+        for said, attachment, tools, required in TOUR:
+            text = said or question
+            if said and "{answer}" in said:
+                text = said.format(answer=answer)
+            attachments = [{"kind": attachment[0], "path": str(EXAMPLES / attachment[1])}] if attachment else []
+            with _step(f"you: {text}" + (f"  [+ {attachment[1]}]" if attachment else "")):
+                result = runtime.controller.turn("demo-tour", text, attachments, tools=tools, require_tool=required)
+                print(f"   assistant: {result.text}")
+                for item in result.media:
+                    print(f"   [{item['kind']}] {item['id']}: {item['path']}")
+                if result.citations:
+                    print("   sources: " + ", ".join(result.citations))
+                print("   route:")
+                print("\n".join("   " + line for line in trace_lines(result.trace)))
+            if question is None:
+                question = _transcript(runtime, result) or "When is the team offsite?"
+            elif answer is None:
+                answer = result.text or "I do not know."
+    finally:
+        runtime.close()
+    return 0
+
+
+def _transcript(runtime, result) -> str | None:
+    """The text the transcribe tool returned this turn, from the session's tool messages."""
+    import json
+
+    from langchain_core.messages import ToolMessage
+
+    for message in reversed(runtime.controller.state(result.session)["messages"]):
+        if isinstance(message, ToolMessage) and message.name == "transcribe":
+            try:
+                return json.loads(message.text).get("text", "").strip() or None
+            except ValueError:
+                return None
+    return None
+
+
+def run_demo(profile_name: str | None, out: str, components: bool = False) -> int:
+    return run_components(profile_name, out) if components else run_tour(profile_name, out)

@@ -35,6 +35,7 @@ class TurnResult:
     text: str
     media: list[dict]  # generated this turn: {"id", "kind", "path"}
     trace: list[dict]  # this turn's routing decisions and tool calls
+    citations: list[str]  # sources of the passages retrieval gave the backbone, e.g. "notes.md#2"
 
 
 def _entry(step: str, **details) -> dict:
@@ -86,11 +87,13 @@ class Controller:
         return update
 
     def _retrieve(self, state: TurnState) -> dict:
-        if self.knowledge_base is None:
+        if self.knowledge_base is None or self.retrieve_k == 0:
             return {"passages": [], "trace": [_entry("retrieve", skipped="no knowledge base")]}
+        if getattr(self.knowledge_base, "count", lambda: 1)() == 0:
+            return {"passages": [], "trace": [_entry("retrieve", skipped="the knowledge base is empty")]}
         query = state["messages"][-1].text
         hits = self.knowledge_base.similarity_search_with_score(query, k=self.retrieve_k)
-        passages = [{"text": doc.page_content, "source": doc.metadata.get("source", "?"),
+        passages = [{"text": doc.page_content, "source": Path(str(doc.metadata.get("source", "?"))).name,
                      "position": doc.metadata.get("position", 0), "score": round(float(score), 3)}
                     for doc, score in hits]
         return {"passages": passages,
@@ -99,13 +102,16 @@ class Controller:
     def _think(self, state: TurnState, config) -> dict:
         session = config["configurable"]["thread_id"]
         tools = self.tools_for(session)
+        if state.get("turn_tools") is not None:
+            tools = [t for t in tools if t.name in state["turn_tools"]]
         from tools.expert_tools import tool_schemas
 
         media = [{"id": m, "kind": (r := self.store.get(session, m)).kind, "path": str(r.path)}
                  for m in state.get("media", [])]
         writer = get_stream_writer()
         result = self.thinker.think(state["messages"], tools=tool_schemas(tools), passages=state.get("passages", []),
-                                    media=media, on_text=lambda text: writer({"text": text}))
+                                    media=media, on_text=lambda text: writer({"text": text}),
+                                    require_tool=bool(state.get("require_tool")) and state.get("steps", 0) == 0)
         step = state.get("steps", 0) + 1
         text = result.text
         if result.malformed and not result.tool_calls:
@@ -221,11 +227,15 @@ class Controller:
     # --- turns and sessions -----------------------------------------------------------------
 
     def turn(self, session: str, text: str, attachments: list[dict] = (),
-             on_text: Callable[[str], None] | None = None) -> TurnResult:
+             on_text: Callable[[str], None] | None = None, *, tools: list[str] | None = None,
+             require_tool: bool = False) -> TurnResult:
+        """Run one turn. `tools` narrows this turn to some of the session's tools; `require_tool`
+        makes its first step a tool call (scripted steps that must use a tool)."""
         config = {"configurable": {"thread_id": session}}
         before = len(self.state(session).get("trace", []))
         start = {"messages": [HumanMessage(content=text)], "attachments": list(attachments), "media": [],
-                 "passages": [], "pending": [], "spans": [], "results": [], "outputs": [], "steps": 0}
+                 "passages": [], "pending": [], "spans": [], "results": [], "outputs": [], "steps": 0,
+                 "turn_tools": tools, "require_tool": require_tool}
         for mode, chunk in self.graph.stream(start, config, stream_mode=["custom", "updates"]):
             if mode == "custom" and on_text is not None:
                 on_text(chunk["text"])
@@ -233,7 +243,8 @@ class Controller:
         reply = next((m for m in reversed(final["messages"]) if isinstance(m, AIMessage) and m.text), None)
         media = [{"id": mid, "kind": (r := self.store.get(session, mid)).kind, "path": str(r.path)}
                  for mid in final.get("outputs", [])]
-        return TurnResult(session, reply.text if reply else "", media, final.get("trace", [])[before:])
+        citations = [f"{p['source']}#{p['position']}" for p in final.get("passages", [])]
+        return TurnResult(session, reply.text if reply else "", media, final.get("trace", [])[before:], citations)
 
     def state(self, session: str) -> dict:
         return self.graph.get_state({"configurable": {"thread_id": session}}).values

@@ -28,4 +28,6 @@ class TurnState(TypedDict, total=False):
     spans: list[dict]  # signal spans to generate: {"modality", "key"}
     outputs: Annotated[list[str], append_or_clear]  # media ids generated this turn
     steps: int  # think calls this turn
+    turn_tools: list[str] | None  # this turn may use only these of the session's tools (None: all)
+    require_tool: bool  # the first think of this turn must call a tool
     trace: Annotated[list[dict], operator.add]  # every routing decision and tool call, in order

@@ -40,7 +40,8 @@ class ThinkResult:
 
 class Thinker(Protocol):
     def think(self, messages: list[AnyMessage], *, tools: list[dict], passages: list[dict],
-              media: list[dict], on_text: Callable[[str], None] | None = None) -> ThinkResult: ...
+              media: list[dict], on_text: Callable[[str], None] | None = None,
+              require_tool: bool = False) -> ThinkResult: ...
 
 
 class ConditioningCache:
@@ -126,12 +127,13 @@ class BackboneThinker:
             readable.setdefault(kind, []).append(loaders[kind](item["path"]))
         return readable
 
-    def think(self, messages, *, tools, passages, media, on_text=None) -> ThinkResult:
+    def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False) -> ThinkResult:
         from graphs.signal_parser import SignalParser, TextDelta, parse_message
         from models.constrained_decoding import ToolCallConstraint
 
         chat = [{"role": "system", "content": system_prompt(tools, passages, media)}, *to_chat(messages)]
-        processors = [ToolCallConstraint(self.mm.backbone.tokenizer, tools)] if tools else []
+        processors = [ToolCallConstraint(self.mm.backbone.tokenizer, tools, force_tool_call=require_tool)] \
+            if tools else []
         streamer = None
         if on_text is not None:
             parser = SignalParser(self._signal_strings())

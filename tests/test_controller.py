@@ -32,9 +32,9 @@ class ScriptedThinker:
         self.cache = ConditioningCache()
         self.seen: list[dict] = []
 
-    def think(self, messages, *, tools, passages, media, on_text=None):
+    def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False):
         self.seen.append({"messages": list(messages), "tools": [t["name"] for t in tools], "media": media,
-                          "passages": passages})
+                          "passages": passages, "require_tool": require_tool})
         result = self.script.pop(0)
         if on_text and result.text:
             on_text(result.text)
@@ -106,7 +106,7 @@ def test_independent_tool_calls_run_in_parallel_and_return_in_call_order(tmp_pat
 
 @pytest.mark.parametrize("tool_call, expected", [
     (call("teleport"), "there is no tool called 'teleport'"),
-    (call("broken"), "broken failed: RuntimeError: disk on fire"),
+    (call("broken", seconds=0.0), "broken failed: RuntimeError: disk on fire"),
     (call("sleepy", seconds=2.0), "did not finish within 0.3 s"),
 ])
 def test_tool_failures_become_messages_and_the_session_goes_on(tmp_path, store, tool_call, expected):
@@ -130,6 +130,15 @@ def test_a_call_that_cannot_be_repaired_is_explained_and_the_session_goes_on(tmp
     result = controller.turn("s", "transcribe it")
     assert "wrote the call wrongly" in result.text and "transcribe audio-1" in result.text
     assert controller.turn("s", "again").text == "Fine now."
+
+
+def test_a_turn_can_narrow_the_tools_and_require_one(tmp_path, store):
+    log: list = []
+    tools = [_recording_tool("first", log), _recording_tool("second", log)]
+    thinker = ScriptedThinker(ThinkResult("", [call("second", seconds=0.0)]), ThinkResult("done"))
+    make(tmp_path, store, thinker, tools).turn("s", "use the second", tools=["second"], require_tool=True)
+    assert thinker.seen[0]["tools"] == ["second"] and thinker.seen[0]["require_tool"] is True
+    assert thinker.seen[1]["require_tool"] is False  # only the first step is forced
 
 
 def test_the_loop_stops_after_max_steps(tmp_path, store):
