@@ -27,6 +27,7 @@ class AgentConfig(BaseModel):
     max_steps: int = Field(3, ge=1, le=10)  # think -> act rounds per turn
     tool_timeout: float = Field(120.0, gt=0)
     retrieve_k: int = Field(3, ge=0)
+    history_turns: int = Field(4, ge=1)  # user turns of history the backbone sees
     max_new_tokens: int | None = None
 
     def tools_for(self, session: str) -> list[str] | None:

@@ -121,7 +121,7 @@ def run_tour(profile_name: str | None, out: str) -> int:
     data = out_dir / "data"
     shutil.rmtree(data, ignore_errors=True)  # a fresh session and knowledge base each run
     config = AgentConfig(profile=profile_name, data_dir=data, allowed_dirs=[EXAMPLES.parent],
-                         max_new_tokens=80, max_steps=2)
+                         max_new_tokens=80, max_steps=2, history_turns=1)
     runtime = Runtime(config)
     print(f"profile {runtime.profile.name}: {runtime.profile.description}")
     with _step("knowledge base: ingest examples/notes"):

@@ -66,7 +66,7 @@ class Runtime:
         return Controller(thinker=self.thinker, store=self.store, tools_for=self.tools, data_dir=self.data_dir,
                           knowledge_base=self.knowledge_base, generate=self._generator(mm) if mm else None,
                           max_steps=self.config.max_steps, tool_timeout=self.config.tool_timeout,
-                          retrieve_k=self.config.retrieve_k)
+                          retrieve_k=self.config.retrieve_k, history_turns=self.config.history_turns)
 
     @staticmethod
     def _generator(mm):

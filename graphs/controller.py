@@ -47,7 +47,8 @@ class Controller:
 
     def __init__(self, *, thinker: Thinker, store, tools_for: Callable[[str], list], data_dir: Path,
                  knowledge_base=None, generate: Callable | None = None, max_steps: int = 3,
-                 tool_timeout: float = 120.0, retrieve_k: int = 3):
+                 tool_timeout: float = 120.0, retrieve_k: int = 3, history_turns: int = 4,
+                 retrieve_min_score: float = 0.3):
         self.thinker = thinker
         self.store = store
         self.tools_for = tools_for  # session id -> that session's allowed LangChain tools
@@ -56,6 +57,8 @@ class Controller:
         self.max_steps = max_steps
         self.tool_timeout = tool_timeout
         self.retrieve_k = retrieve_k
+        self.history_turns = history_turns
+        self.retrieve_min_score = retrieve_min_score  # weaker passages distract more than they help
         data_dir.mkdir(parents=True, exist_ok=True)
         from langgraph.checkpoint.sqlite import SqliteSaver
 
@@ -95,7 +98,7 @@ class Controller:
         hits = self.knowledge_base.similarity_search_with_score(query, k=self.retrieve_k)
         passages = [{"text": doc.page_content, "source": Path(str(doc.metadata.get("source", "?"))).name,
                      "position": doc.metadata.get("position", 0), "score": round(float(score), 3)}
-                    for doc, score in hits]
+                    for doc, score in hits if score >= self.retrieve_min_score]
         return {"passages": passages,
                 "trace": [_entry("retrieve", hits=[f"{p['source']}#{p['position']}" for p in passages])]}
 
@@ -109,7 +112,8 @@ class Controller:
         media = [{"id": m, "kind": (r := self.store.get(session, m)).kind, "path": str(r.path)}
                  for m in state.get("media", [])]
         writer = get_stream_writer()
-        result = self.thinker.think(state["messages"], tools=tool_schemas(tools), passages=state.get("passages", []),
+        result = self.thinker.think(self._window(state["messages"]), tools=tool_schemas(tools),
+                                    passages=state.get("passages", []),
                                     media=media, on_text=lambda text: writer({"text": text}),
                                     require_tool=bool(state.get("require_tool")) and state.get("steps", 0) == 0)
         step = state.get("steps", 0) + 1
@@ -117,13 +121,30 @@ class Controller:
         if result.malformed and not result.tool_calls:
             text = (text + "\n" if text else "") + "(I tried to call a tool but wrote the call wrongly: " \
                 + "; ".join(result.malformed) + ")"
+        calls, seen = [], self._calls_this_turn(state["messages"])
+        for c in result.tool_calls:  # small models repeat a call word for word; run it once a turn
+            signature = (c["name"], _json(c["args"]))
+            if signature not in seen:
+                seen.add(signature)
+                calls.append(c)
+        result.tool_calls = calls
+        pending = [dict(c, index=i, step=step) for i, c in enumerate(calls)]
         message = AIMessage(content=text, tool_calls=[{"id": c["id"], "name": c["name"], "args": c["args"]}
-                                                      for c in result.tool_calls])
-        pending = [dict(c, index=i, step=step) for i, c in enumerate(result.tool_calls)]
+                                                      for c in calls])
         trace = [_entry("think", round=step, wrote=result.raw[:500],
                         tool_calls=[c["name"] for c in result.tool_calls],
                         spans=[s["modality"] for s in result.spans], malformed=result.malformed)]
         return {"messages": [message], "pending": pending, "spans": result.spans, "steps": step, "trace": trace}
+
+    @staticmethod
+    def _calls_this_turn(messages: list) -> set:
+        return {(c["name"], _json(c["args"])) for m in _this_turn(messages) if isinstance(m, AIMessage)
+                for c in m.tool_calls}
+
+    def _window(self, messages: list) -> list:
+        """The last `history_turns` user turns and everything after them: what the backbone sees."""
+        starts = [i for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
+        return messages[starts[-self.history_turns]:] if len(starts) > self.history_turns else messages
 
     def _route(self, state: TurnState):
         pending = state.get("pending", [])
@@ -206,7 +227,13 @@ class Controller:
         return update
 
     def _respond(self, state: TurnState) -> dict:
-        return {"trace": [_entry("respond", outputs=state.get("outputs", []))]}
+        update: dict = {"trace": [_entry("respond", outputs=state.get("outputs", []))]}
+        turn = _this_turn(state["messages"])
+        if not any(isinstance(m, AIMessage) and m.text for m in turn):
+            # the model said nothing after its tools: tell the user what they did
+            done = [f"{m.name}: {m.text[:200]}" for m in turn if isinstance(m, ToolMessage)]
+            update["messages"] = [AIMessage(content="Done. " + " | ".join(done) if done else "(no reply)")]
+        return update
 
     def _build(self) -> StateGraph:
         graph = StateGraph(TurnState)
@@ -240,7 +267,8 @@ class Controller:
             if mode == "custom" and on_text is not None:
                 on_text(chunk["text"])
         final = self.state(session)
-        reply = next((m for m in reversed(final["messages"]) if isinstance(m, AIMessage) and m.text), None)
+        reply = next((m for m in reversed(_this_turn(final["messages"])) if isinstance(m, AIMessage) and m.text),
+                     None)
         media = [{"id": mid, "kind": (r := self.store.get(session, mid)).kind, "path": str(r.path)}
                  for mid in final.get("outputs", [])]
         citations = [f"{p['source']}#{p['position']}" for p in final.get("passages", [])]
@@ -260,6 +288,12 @@ class Controller:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._conn.close()
+
+
+def _this_turn(messages: list) -> list:
+    """The messages after the last user message."""
+    last_human = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
+    return messages[last_human + 1:]
 
 
 def _json(value) -> str:

@@ -81,20 +81,38 @@ def to_chat(messages: list[AnyMessage]) -> list[dict]:
             content = message.text + "".join(render_tool_call(c) for c in message.tool_calls)
             chat.append({"role": "assistant", "content": content})
         elif isinstance(message, ToolMessage):
-            # small chat models know no "tool" role; a tagged user turn reads the same to them
-            chat.append({"role": "user", "content": f"<tool_response>{message.text}</tool_response>"})
+            # small chat models know no "tool" role, and copy tagged JSON back verbatim; a plain
+            # sentence in a user turn is what they answer from best
+            chat.append({"role": "user", "content": f"Result of {message.name}: {_plain(message.text)}\n"
+                                                    "Now reply to my request in one short sentence."})
     return chat
 
 
-def system_prompt(tools: list[dict], passages: list[dict], media: list[dict]) -> str:
+def _signature(tool: dict) -> str:
+    properties = tool["parameters"].get("properties", {})
+    required = set(tool["parameters"].get("required", []))
+    args = [name if name in required else f"{name}={json.dumps(spec.get('default'))}"
+            for name, spec in properties.items()]
+    return f"{tool['name']}({', '.join(args)})"
+
+
+def _plain(result: str) -> str:
+    """A tool's JSON result as short `key: value` prose."""
+    try:
+        value = json.loads(result)
+    except ValueError:
+        return result
+    if not isinstance(value, dict):
+        return result
+    return "; ".join(f"{k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in value.items())
+
+
+def system_prompt(tools: list[dict], media: list[dict]) -> str:
     parts = [prompts()["system"].strip()]
     if tools:
-        listing = "\n".join(f"- {t['name']}: {t['description']} Arguments: {json.dumps(t['parameters'].get('properties', {}))}"
-                            for t in tools)
+        # signatures, not JSON schemas: small models copy schema descriptions into their arguments
+        listing = "\n".join(f"- {_signature(t)}: {t['description']}" for t in tools)
         parts.append(prompts()["tools"].format(tools=listing).strip())
-    if passages:
-        listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
-        parts.append(prompts()["passages"].format(passages=listing).strip())
     if media:
         parts.append(prompts()["attachments"].format(media=", ".join(f"{m['id']} ({m['kind']})" for m in media)).strip())
     return "\n\n".join(parts)
@@ -131,7 +149,12 @@ class BackboneThinker:
         from graphs.signal_parser import SignalParser, TextDelta, parse_message
         from models.constrained_decoding import ToolCallConstraint
 
-        chat = [{"role": "system", "content": system_prompt(tools, passages, media)}, *to_chat(messages)]
+        chat = [{"role": "system", "content": system_prompt(tools, media)}, *to_chat(messages)]
+        if passages:  # after the user's own words, where small models look, not in the system prompt
+            last = max(i for i, m in enumerate(chat) if m["role"] == "user")
+            listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
+            chat[last] = {"role": "user", "content": chat[last]["content"] + "\n\n"
+                          + prompts()["passages"].format(passages=listing).strip()}
         processors = [ToolCallConstraint(self.mm.backbone.tokenizer, tools, force_tool_call=require_tool)] \
             if tools else []
         streamer = None
@@ -139,12 +162,14 @@ class BackboneThinker:
             parser = SignalParser(self._signal_strings())
             streamer = _TextStreamer(self.mm.backbone.tokenizer, lambda chunk: [
                 on_text(e.text) for e in parser.feed(chunk) if isinstance(e, TextDelta)])
+        repeat = _RepeatedCallStop(self.mm.backbone.tokenizer)
+        streamer = _Both(streamer, repeat) if streamer else repeat
         with self._lock:
             readable = self._readable(media)
             generation = self.mm.generate(chat, images=readable.get("image"), audios=readable.get("audio"),
                                           max_new_tokens=self.max_new_tokens, logits_processors=processors,
-                                          streamer=streamer)
-        parsed = parse_message(generation.text)
+                                          streamer=streamer, stopping_criteria=[repeat])
+        parsed = parse_message(_drop_cut_call(generation.text))
         calls = [{"id": c.id, "name": c.name, "args": c.arguments} for c in parsed.tool_calls]
         spans = [{"modality": s.modality, "key": self.cache.put(s.conditioning) if s.conditioning else None,
                   "error": s.error} for s in generation.spans]
@@ -153,6 +178,60 @@ class BackboneThinker:
     def _signal_strings(self) -> dict[str, list[str]]:
         tok = self.mm.backbone.tokenizer
         return {m: tok.convert_ids_to_tokens(ids) for m, ids in self.mm.backbone.signal_ids.items()}
+
+
+def _drop_cut_call(text: str) -> str:
+    """A tool call still open when the token limit hit was cut off, not written wrongly: drop it."""
+    start = text.rfind("<tool_call>")
+    return text[:start] if start != -1 and "</tool_call>" not in text[start:] else text
+
+
+class _RepeatedCallStop:
+    """Stops decoding once the model repeats a tool call it already wrote, word for word.
+
+    Small models loop on a call until the token limit; the repeat would run once anyway.
+    Fed as a streamer (to see the text) and asked as a stopping criterion.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.first = True
+        self.stop = False
+
+    def put(self, value) -> None:
+        if self.first:  # the prompt
+            self.first = False
+            return
+        self.ids += value.flatten().tolist()
+        if value.numel() and self.tokenizer.decode(value.flatten().tolist()[-1:]).endswith(">"):
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+            calls = [c for c in text.split("</tool_call>")[:-1] if "<tool_call>" in c]
+            bodies = [c[c.index("<tool_call>"):].replace(" ", "").replace("\n", "") for c in calls]
+            self.stop = len(bodies) != len(set(bodies))
+
+    def end(self) -> None:
+        pass
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _Both:
+    """Two streamers as one."""
+
+    def __init__(self, *streamers):
+        self.streamers = streamers
+
+    def put(self, value) -> None:
+        for s in self.streamers:
+            s.put(value)
+
+    def end(self) -> None:
+        for s in self.streamers:
+            s.end()
 
 
 class _TextStreamer:

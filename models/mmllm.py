@@ -291,13 +291,15 @@ class MMLLM(nn.Module):
     @torch.no_grad()
     def generate(self, messages: list[dict], *, images: list | None = None, audios: list | None = None,
                  videos: list | None = None, max_new_tokens: int | None = None,
-                 logits_processors: list | None = None, streamer=None) -> Generation:
+                 logits_processors: list | None = None, streamer=None,
+                 stopping_criteria: list | None = None) -> Generation:
         """Greedy generation; signal spans come back with their projected conditioning.
 
         `logits_processors` run after the signal-span processor (e.g. constrained tool-call
-        decoding); `streamer` is a transformers streamer that receives tokens as they come.
+        decoding); `streamer` is a transformers streamer that receives tokens as they come;
+        `stopping_criteria` may end decoding early.
         """
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from models.signal_decoding import SignalSpanProcessor
 
@@ -313,6 +315,7 @@ class MMLLM(nn.Module):
             max_new_tokens=max_new_tokens or self.profile.backbone.max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             logits_processor=LogitsProcessorList([processor, *(logits_processors or [])]), streamer=streamer,
+            stopping_criteria=StoppingCriteriaList(stopping_criteria or []),
         )[0].tolist()
         stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
         while new_ids and new_ids[-1] in stop:

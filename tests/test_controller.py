@@ -144,9 +144,18 @@ def test_a_turn_can_narrow_the_tools_and_require_one(tmp_path, store):
 def test_the_loop_stops_after_max_steps(tmp_path, store):
     log: list = []
     tool = _recording_tool("again", log)
-    thinker = ScriptedThinker(*[ThinkResult("", [call("again", seconds=0.0)]) for _ in range(5)])
+    thinker = ScriptedThinker(*[ThinkResult("", [call("again", seconds=0.001 * i)]) for i in range(5)])
     result = make(tmp_path, store, thinker, [tool], max_steps=2).turn("s", "loop")
     assert steps(result.trace).count("think") == 2 and len(log) == 2
+    assert result.text.startswith("Done. again: again done")  # silent after its tools: say what they did
+
+
+def test_a_call_repeated_word_for_word_in_a_turn_runs_once(tmp_path, store):
+    log: list = []
+    thinker = ScriptedThinker(ThinkResult("", [call("same", seconds=0.0)]), ThinkResult("", [call("same", seconds=0.0)]),
+                              ThinkResult("ok"))
+    result = make(tmp_path, store, thinker, [_recording_tool("same", log)]).turn("s", "go")
+    assert len(log) == 1 and steps(result.trace).count("act") == 1
 
 
 def test_attachments_are_stored_once_and_referred_to_by_id(tmp_path, store):
