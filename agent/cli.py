@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     delete = sessions_sub.add_parser("delete", help="delete a session, its messages and its media")
     delete.add_argument("name")
 
+    bench = commands.add_parser("bench", help="benchmarks against their baselines, written under --out")
+    bench.add_argument("suite", choices=["controller"])
+    bench.add_argument("--out", default="results/bench")
+    bench.add_argument("--turns", type=int, default=50, help="turns for the overhead figure")
+    bench.add_argument("--prompts", type=int, default=120, help="prompts for the tool-call validity figure")
+    bench.add_argument("--only", action="append", choices=["overhead", "overhead-local", "validity", "parallel"])
+
     models = commands.add_parser("models", help="list the active profile's models, or prepare them")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION")
     prepare = models_sub.add_parser("prepare", help="make every model of the profile ready (progress bars)")
@@ -73,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent import turn_commands
 
             return getattr(turn_commands, args.command)(args)
+        if args.command == "bench":
+            from agent.bench import run
+
+            return run(args.out, turns=args.turns, prompts=args.prompts, only=args.only)
         if args.command == "demo":
             from agent.demo import run_demo
 

@@ -63,6 +63,9 @@ class Controller:
         from langgraph.checkpoint.sqlite import SqliteSaver
 
         self._conn = sqlite3.connect(data_dir / "sessions.sqlite", check_same_thread=False)
+        # WAL + NORMAL: a commit per turn without an fsync per write; still safe against process crashes
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
         self.saver = SqliteSaver(self._conn)
         self.saver.setup()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tool")
@@ -259,20 +262,28 @@ class Controller:
         """Run one turn. `tools` narrows this turn to some of the session's tools; `require_tool`
         makes its first step a tool call (scripted steps that must use a tool)."""
         config = {"configurable": {"thread_id": session}}
-        before = len(self.state(session).get("trace", []))
         start = {"messages": [HumanMessage(content=text)], "attachments": list(attachments), "media": [],
                  "passages": [], "pending": [], "spans": [], "results": [], "outputs": [], "steps": 0,
                  "turn_tools": tools, "require_tool": require_tool}
-        for mode, chunk in self.graph.stream(start, config, stream_mode=["custom", "updates"]):
-            if mode == "custom" and on_text is not None:
-                on_text(chunk["text"])
-        final = self.state(session)
+        # One checkpoint per finished turn ("exit"): a session resumes from its last completed turn,
+        # and a turn does not pay for a database write at every step.
+        if on_text is None:
+            final = self.graph.invoke(start, config, durability="exit")
+        else:
+            final = {}
+            for mode, chunk in self.graph.stream(start, config, stream_mode=["custom", "values"], durability="exit"):
+                if mode == "custom":
+                    on_text(chunk["text"])
+                else:
+                    final = chunk
         reply = next((m for m in reversed(_this_turn(final["messages"])) if isinstance(m, AIMessage) and m.text),
                      None)
         media = [{"id": mid, "kind": (r := self.store.get(session, mid)).kind, "path": str(r.path)}
                  for mid in final.get("outputs", [])]
+        trace = final.get("trace", [])
+        first = max(i for i, e in enumerate(trace) if e["step"] == "ingest")  # every turn starts with ingest
         citations = [f"{p['source']}#{p['position']}" for p in final.get("passages", [])]
-        return TurnResult(session, reply.text if reply else "", media, final.get("trace", [])[before:], citations)
+        return TurnResult(session, reply.text if reply else "", media, trace[first:], citations)
 
     def state(self, session: str) -> dict:
         return self.graph.get_state({"configurable": {"thread_id": session}}).values
