@@ -20,6 +20,10 @@ def _runtime(args) -> Runtime:
 
 
 def _show(result, trace: bool) -> None:
+    for notice in result.notices:
+        print(f"  ! {notice}")
+    if result.citations:
+        print(f"  sources: {', '.join(result.citations)}")
     for item in result.media:
         print(f"  [{item['kind']}] {item['id']}: {item['path']}")
     if trace:
@@ -73,7 +77,8 @@ def ask(args) -> int:
         runtime.close()
     if args.json:
         print(json.dumps({"session": result.session, "text": result.text, "media": result.media,
-                          "trace": result.trace}, indent=2, default=str))
+                          "citations": result.citations, "notices": result.notices, "trace": result.trace},
+                         indent=2, default=str))
     else:
         print()
         _show(result, args.trace)

@@ -36,6 +36,7 @@ class TurnResult:
     media: list[dict]  # generated this turn: {"id", "kind", "path"}
     trace: list[dict]  # this turn's routing decisions and tool calls
     citations: list[str]  # sources of the passages retrieval gave the backbone, e.g. "notes.md#2"
+    notices: list[str]  # what the user must be told besides the reply (e.g. a refused attachment)
 
 
 def _entry(step: str, **details) -> dict:
@@ -90,6 +91,7 @@ class Controller:
             update["messages"] = [HumanMessage(content=content, id=human.id)]
         if notes:
             update["trace"].append(_entry("reject", reason="; ".join(notes)))
+            update["notices"] = [f"not attached: {note}" for note in notes]
         return update
 
     def _retrieve(self, state: TurnState) -> dict:
@@ -264,7 +266,7 @@ class Controller:
         config = {"configurable": {"thread_id": session}}
         start = {"messages": [HumanMessage(content=text)], "attachments": list(attachments), "media": [],
                  "passages": [], "pending": [], "spans": [], "results": [], "outputs": [], "steps": 0,
-                 "turn_tools": tools, "require_tool": require_tool}
+                 "turn_tools": tools, "require_tool": require_tool, "notices": []}
         # One checkpoint per finished turn ("exit"): a session resumes from its last completed turn,
         # and a turn does not pay for a database write at every step.
         if on_text is None:
@@ -283,7 +285,8 @@ class Controller:
         trace = final.get("trace", [])
         first = max(i for i, e in enumerate(trace) if e["step"] == "ingest")  # every turn starts with ingest
         citations = [f"{p['source']}#{p['position']}" for p in final.get("passages", [])]
-        return TurnResult(session, reply.text if reply else "", media, trace[first:], citations)
+        return TurnResult(session, reply.text if reply else "", media, trace[first:], citations,
+                          final.get("notices", []))
 
     def state(self, session: str) -> dict:
         return self.graph.get_state({"configurable": {"thread_id": session}}).values

@@ -27,6 +27,7 @@ class TurnState(TypedDict, total=False):
     results: Annotated[list[dict], append_or_clear]  # tool results from parallel act nodes
     spans: list[dict]  # signal spans to generate: {"modality", "key"}
     outputs: Annotated[list[str], append_or_clear]  # media ids generated this turn
+    notices: list[str]  # things the user must be told this turn (a refused attachment, ...)
     steps: int  # think calls this turn
     turn_tools: list[str] | None  # this turn may use only these of the session's tools (None: all)
     require_tool: bool  # the first think of this turn must call a tool

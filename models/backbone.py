@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,22 @@ PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
 SIGNAL_PREFIXES = {"image": "IMG", "audio": "AUD"}
 FEATURE = -1  # token-map value for positions that hold spliced features, not tokens
 PAD = -2  # token-map value for padding
+
+
+@contextmanager
+def quiet_transformers():
+    """No per-load progress bars or notices: loading prepared weights takes a second, and a chat
+    session should start clean. Preparation (GGUF conversion) keeps its progress bar."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        logging.enable_progress_bar()
 
 
 def signal_token_strings(modality: str, count: int) -> list[str]:
@@ -52,7 +69,8 @@ class Backbone(nn.Module):
                                              replace_extra_special_tokens=False)
         if added:
             # new rows start at the mean of the old ones, so untrained tokens are harmless
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+            with quiet_transformers():
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in PLACEHOLDERS.items()}
@@ -69,8 +87,9 @@ class Backbone(nn.Module):
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=spec.device_map)
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=spec.device_map)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"could not load a causal LM from {path}: {exc}") from None
         if tokenizer.chat_template is None:
