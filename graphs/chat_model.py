@@ -180,12 +180,14 @@ def template_knows_tool_role(tokenizer) -> bool:
 
 
 def to_chat(messages: Sequence[BaseMessage], *, system_prefix: str = "", system_suffix: str = "",
-            tool_role: bool = False) -> tuple[list[dict], list]:
+            tool_role: bool = False, plain_tool_results: bool = False) -> tuple[list[dict], list]:
     """LangChain messages -> chat-template dicts (+ the images, in order).
 
     All system text goes into one system turn first: prefix, the SystemMessages, suffix.
     Tool calls of an AIMessage are written back in the protocol's own notation; a ToolMessage
-    becomes a "tool" turn, or (tool_role False) a user turn tagged <tool_response name=.. id=..>.
+    becomes a "tool" turn, or (tool_role False) a user turn tagged <tool_response name=.. id=..>,
+    or (plain_tool_results) a user turn in plain prose, which very small models answer from
+    instead of copying the tagged JSON back.
     """
     images: list = []
     systems: list[str] = []
@@ -202,6 +204,10 @@ def to_chat(messages: Sequence[BaseMessage], *, system_prefix: str = "", system_
             if tool_role:
                 chat.append({"role": "tool", "content": text})
                 continue
+            if plain_tool_results:
+                chat.append({"role": "user", "content": f"Result of {message.name or 'the tool'}: {_prose(text)}\n"
+                                                        "Now reply to my request in one short sentence."})
+                continue
             turn = (f'<tool_response name="{message.name or "tool"}" id="{message.tool_call_id}">\n'
                     f"{text}\n</tool_response>")
             if chat and chat[-1]["role"] == "user" and chat[-1]["content"].startswith("<tool_response"):
@@ -216,6 +222,17 @@ def to_chat(messages: Sequence[BaseMessage], *, system_prefix: str = "", system_
     if system:
         chat.insert(0, {"role": "system", "content": system})
     return chat, images
+
+
+def _prose(result: str) -> str:
+    """A tool's JSON result as short `key: value` prose."""
+    try:
+        value = json.loads(result)
+    except ValueError:
+        return result
+    if not isinstance(value, dict):
+        return result
+    return "; ".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items())
 
 
 # --- decoding helpers ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import yaml
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AnyMessage
 
 from models.errors import SignalgraphError
 
@@ -65,46 +65,12 @@ class ConditioningCache:
             return self._items.get(key)
 
 
-def render_tool_call(call: dict) -> str:
-    return "<tool_call>" + json.dumps({"name": call["name"], "arguments": call["args"]}) + "</tool_call>"
-
-
-def to_chat(messages: list[AnyMessage]) -> list[dict]:
-    """LangChain messages -> chat-template dicts in the signal protocol's own notation."""
-    chat = []
-    for message in messages:
-        if isinstance(message, SystemMessage):
-            chat.append({"role": "system", "content": message.text})
-        elif isinstance(message, HumanMessage):
-            chat.append({"role": "user", "content": message.text})
-        elif isinstance(message, AIMessage):
-            content = message.text + "".join(render_tool_call(c) for c in message.tool_calls)
-            chat.append({"role": "assistant", "content": content})
-        elif isinstance(message, ToolMessage):
-            # small chat models know no "tool" role, and copy tagged JSON back verbatim; a plain
-            # sentence in a user turn is what they answer from best
-            chat.append({"role": "user", "content": f"Result of {message.name}: {_plain(message.text)}\n"
-                                                    "Now reply to my request in one short sentence."})
-    return chat
-
-
 def _signature(tool: dict) -> str:
     properties = tool["parameters"].get("properties", {})
     required = set(tool["parameters"].get("required", []))
     args = [name if name in required else f"{name}={json.dumps(spec.get('default'))}"
             for name, spec in properties.items()]
     return f"{tool['name']}({', '.join(args)})"
-
-
-def _plain(result: str) -> str:
-    """A tool's JSON result as short `key: value` prose."""
-    try:
-        value = json.loads(result)
-    except ValueError:
-        return result
-    if not isinstance(value, dict):
-        return result
-    return "; ".join(f"{k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in value.items())
 
 
 def system_prompt(tools: list[dict], media: list[dict]) -> str:
@@ -146,17 +112,22 @@ class BackboneThinker:
         return readable
 
     def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False) -> ThinkResult:
+        from graphs.chat_model import to_chat
         from graphs.signal_parser import SignalParser, TextDelta, parse_message
         from models.constrained_decoding import ToolCallConstraint
 
-        chat = [{"role": "system", "content": system_prompt(tools, media)}, *to_chat(messages)]
+        chat, _ = to_chat(messages, system_prefix=system_prompt(tools, media), plain_tool_results=True)
         if passages:  # after the user's own words, where small models look, not in the system prompt
             last = max(i for i, m in enumerate(chat) if m["role"] == "user")
             listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
             chat[last] = {"role": "user", "content": chat[last]["content"] + "\n\n"
                           + prompts()["passages"].format(passages=listing).strip()}
-        processors = [ToolCallConstraint(self.mm.backbone.tokenizer, tools, force_tool_call=require_tool)] \
-            if tools else []
+        backbone = self.mm.backbone
+        processors = [ToolCallConstraint(
+            backbone.tokenizer, tools, force_tool_call=require_tool,
+            vocab_size=backbone.input_embeddings().weight.shape[0],
+            banned_token_ids=backbone.new_token_ids,  # no placeholders or signal tokens inside a call
+        )] if tools else []
         streamer = None
         if on_text is not None:
             parser = SignalParser(self._signal_strings())
