@@ -43,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     delete = sessions_sub.add_parser("delete", help="delete a session, its messages and its media")
     delete.add_argument("name")
 
+    train = commands.add_parser("train", help="MM pre-training then instruction tuning, from a YAML config")
+    train.add_argument("config", help="training config YAML (profile, stages, data, out_dir)")
+    train.add_argument("--resume", action="store_true", help="continue each unfinished stage from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="start again over an earlier run in out_dir")
+
+    evaluate = commands.add_parser("eval", help="exact-match accuracy on a JSONL manifest (VQA-style)")
+    evaluate.add_argument("manifest")
+    evaluate.add_argument("--blind", action="store_true", help="drop the media: the baseline to beat")
+    evaluate.add_argument("--limit", type=int)
+
     bench = commands.add_parser("bench", help="benchmarks against their baselines, written under --out")
     bench.add_argument("suite", choices=["controller"])
     bench.add_argument("--out", default="results/bench")
@@ -80,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent import turn_commands
 
             return getattr(turn_commands, args.command)(args)
+        if args.command in ("train", "eval"):
+            from agent import train_commands
+
+            return (train_commands.train if args.command == "train" else train_commands.evaluate)(args)
         if args.command == "bench":
             from agent.bench import run
 

@@ -140,7 +140,9 @@ class MMLLM(nn.Module):
         if self.backbone.has_lora:
             from peft import get_peft_model_state_dict
 
-            lora = get_peft_model_state_dict(self.backbone.model)
+            # the vocabulary was resized, so peft would save the whole embedding matrix too (226 MB
+            # for SmolLM2); the new rows are saved above, the rest is frozen
+            lora = get_peft_model_state_dict(self.backbone.model, save_embedding_layers=False)
             state |= {f"backbone.lora.{k}": v for k, v in lora.items()}
         # clone: peft's tensors can share storage, which safetensors refuses to write
         return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}

@@ -41,3 +41,14 @@ def test_models_lists_the_tiny_profile():
     assert result.returncode == 0
     for role in ("backbone", "image encoder", "image generator", "input projector (image)"):
         assert role in result.stdout
+
+
+def test_a_corrupt_training_manifest_names_file_and_line(tmp_path):
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                        '{"messages": [\n')
+    config = tmp_path / "train.yaml"
+    config.write_text(f"profile: tiny\nout_dir: {tmp_path / 'out'}\nstages:\n  - name: pt\n    data: [{manifest}]\n")
+    result = run("train", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{manifest}:2" in result.stderr

@@ -1,0 +1,294 @@
+"""Training data: JSONL manifests, their validation, and tokenization with loss on assistant turns.
+
+The manifest format
+-------------------
+
+One JSON object per line (blank lines are skipped)::
+
+    {"messages": [{"role": "user", "content": "<image>\\nWhat shape is this?"},
+                  {"role": "assistant", "content": "circle"}],
+     "images": ["shapes/0001.png"]}
+
+    {"messages": [{"role": "user", "content": "Draw a red circle."},
+                  {"role": "assistant", "content": "Here it is: [IMG0][IMG1][IMG2][IMG3]"}],
+     "captions": {"image": ["a red circle"]}}
+
+- `messages` (required): a list of `{"role": "system"|"user"|"assistant", "content": str}`, with at
+  least one assistant message, and not starting with one. The loss is on assistant tokens only
+  (each assistant turn's text and its end-of-turn token); system and user tokens are context.
+- `images`, `audios`, `videos` (optional): media files, one per `<image>`, `<audio>`, `<video>`
+  placeholder in the messages, in the order the placeholders appear. Relative paths are taken
+  from the manifest's folder; absolute paths are allowed.
+- `captions` (optional): `{"image": [...], "audio": [...]}`, one caption per signal span
+  (`[IMG0]..[IMGn]`, `[AUD0]..[AUDn]`, all of the profile's signal tokens in order) in the
+  assistant turns, in order of appearance. Each caption's conditioning from the generator's own
+  text encoder is the target the output projector is aligned to (NExT-GPT's decoding-side
+  alignment). Signal tokens belong in assistant turns only.
+
+The same format serves both stages: X-text pairs for PT (a placeholder in the user turn, the
+caption as the answer; or a caption request answered by a signal span with its `captions`), and
+multi-turn conversations for IT.
+
+Every problem is reported as `FILE:LINE: what is wrong` (a `DatasetError`), all problems of a file
+at once (up to 20): bad JSON, a missing or unknown key, an unknown role, a placeholder count that
+does not match the media list, a media file that does not exist, captions that do not match the
+signal spans.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from models.backbone import PLACEHOLDERS, SIGNAL_PREFIXES
+from models.errors import SignalgraphError
+
+MEDIA_KEYS = {"images": "image", "audios": "audio", "videos": "video"}
+ROLES = ("system", "user", "assistant")
+KEYS = {"messages", "captions", *MEDIA_KEYS}
+MAX_REPORTED = 20
+
+
+class DatasetError(SignalgraphError):
+    """A training or evaluation manifest that cannot be used; the message names file and line."""
+
+
+@dataclass
+class Record:
+    """One validated manifest line. Media paths are absolute, per modality in placeholder order."""
+
+    messages: list[dict[str, str]]
+    media: dict[str, list[Path]]
+    captions: dict[str, list[str]]
+    source: Path
+    line: int
+    _tokens: dict = field(default_factory=dict, repr=False, compare=False)  # per tokenizer
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    def modalities(self) -> set[str]:
+        return {m for m, paths in self.media.items() if paths}
+
+
+def _signal_starts(text: str, modality: str) -> int:
+    return text.count(f"[{SIGNAL_PREFIXES[modality]}0]")
+
+
+def _has_signal(text: str) -> bool:
+    return bool(re.search(r"\[(%s)\d+\]" % "|".join(SIGNAL_PREFIXES.values()), text))
+
+
+def _problems(obj: object, base: Path, check_files: bool) -> tuple[list[str], Record | None]:
+    if not isinstance(obj, dict):
+        return [f"expected a JSON object, got {type(obj).__name__}"], None
+    problems = []
+    unknown = sorted(set(obj) - KEYS)
+    if unknown:
+        problems.append(f"unknown key(s) {unknown}; a line holds {sorted(KEYS)}")
+    messages = obj.get("messages")
+    if messages is None:
+        return problems + ["missing key 'messages' (a list of {role, content})"], None
+    if not isinstance(messages, list) or not messages:
+        return problems + ["'messages' must be a non-empty list of {role, content}"], None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            problems.append(f"message {i} must be an object with 'role' and 'content'")
+            continue
+        extra = sorted(set(m) - {"role", "content"})
+        if extra:
+            problems.append(f"message {i} has unknown key(s) {extra}")
+        if m["role"] not in ROLES:
+            problems.append(f"message {i} has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            problems.append(f"message {i}'s content must be a string")
+    if problems:
+        return problems, None
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        problems.append("no assistant message: there is nothing to learn (the loss is on assistant turns)")
+    elif roles[0] == "assistant":
+        problems.append("the conversation starts with an assistant message; put a user message first")
+    text = "".join(m["content"] for m in messages)
+
+    media: dict[str, list[Path]] = {}
+    for key, modality in MEDIA_KEYS.items():
+        items = obj.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            problems.append(f"'{key}' must be a list of file paths")
+            continue
+        placeholders = text.count(PLACEHOLDERS[modality])
+        if placeholders != len(items):
+            problems.append(f"{placeholders} {PLACEHOLDERS[modality]} placeholder(s) but {len(items)} "
+                            f"file(s) in '{key}'; give one file per placeholder")
+        paths = [(base / Path(x).expanduser()) for x in items]
+        if check_files:
+            for x, p in zip(items, paths):
+                if not p.is_file():
+                    problems.append(f"{modality} file {x!r} does not exist ({p})")
+        media[modality] = paths
+
+    captions = obj.get("captions", {})
+    if not isinstance(captions, dict):
+        problems.append("'captions' must be an object like {\"image\": [\"a caption\", ...]}")
+        captions = {}
+    for m in messages:
+        if m["role"] != "assistant" and _has_signal(m["content"]):
+            problems.append(f"a {m['role']} message holds signal tokens ([IMG0], [AUD0], ...); "
+                            "they belong in assistant turns")
+    assistant = "".join(m["content"] for m in messages if m["role"] == "assistant")
+    for modality, items in captions.items():
+        if modality not in SIGNAL_PREFIXES:
+            problems.append(f"captions for {modality!r}: only {', '.join(SIGNAL_PREFIXES)} have signal tokens")
+            continue
+        if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
+            problems.append(f"captions.{modality} must be a list of non-empty strings")
+            continue
+        spans = _signal_starts(assistant, modality)
+        if spans != len(items):
+            problems.append(f"{len(items)} {modality} caption(s) but {spans} {modality} signal span(s) "
+                            f"([{SIGNAL_PREFIXES[modality]}0]...) in the assistant turns; give one caption per span")
+    if problems:
+        return problems, None
+    return [], Record(messages=[dict(m) for m in messages], media=media,
+                      captions={m: list(c) for m, c in captions.items()}, source=Path(), line=0)
+
+
+def read_manifest(path: str | Path, *, check_files: bool = True) -> list[Record]:
+    """Every line of a JSONL manifest, validated; a `DatasetError` lists each bad line as FILE:LINE."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"the manifest {str(path)!r} does not exist")
+    base = path.resolve().parent
+    records: list[Record] = []
+    errors: list[str] = []
+    with open(path, encoding="utf-8") as fp:
+        for number, raw in enumerate(fp, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                errors.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            problems, record = _problems(obj, base, check_files)
+            if problems:
+                errors += [f"{path}:{number}: {p}" for p in problems]
+                continue
+            record.source, record.line = path, number
+            records.append(record)
+    if errors:
+        more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
+        raise DatasetError(f"{len(errors)} problem(s) in the manifest {path}:\n  "
+                           + "\n  ".join(errors[:MAX_REPORTED]) + more)
+    if not records:
+        raise DatasetError(f"the manifest {path} holds no examples")
+    return records
+
+
+def read_manifests(paths: Iterable[str | Path], *, check_files: bool = True) -> list[Record]:
+    records: list[Record] = []
+    for path in paths:
+        records += read_manifest(path, check_files=check_files)
+    return records
+
+
+# --- tokenization ---------------------------------------------------------------------------------
+
+
+def tokenize(record: Record, backbone) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the whole conversation; labels are -100 except on assistant tokens.
+
+    Each assistant turn's tokens are found by templating prefixes: the conversation up to the
+    turn with the generation prompt, and up to and including it. Tokens after the turn's
+    end-of-turn token (a template's trailing newline) carry no loss: generation stops there.
+    """
+    key = (backbone.tokenizer.name_or_path, len(backbone.tokenizer), backbone.spec.system_prompt)
+    if key in record._tokens:
+        return record._tokens[key]
+    messages = record.messages
+    full = backbone.chat_ids(messages, add_generation_prompt=False)
+    labels = [-100] * len(full)
+    eos = backbone.tokenizer.eos_token_id
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = backbone.chat_ids(messages[:k], add_generation_prompt=True)
+        after = backbone.chat_ids(messages[: k + 1], add_generation_prompt=False)
+        if full[: len(before)] != before or full[: len(after)] != after:
+            raise DatasetError(
+                f"{record.where}: the backbone's chat template does not render this conversation "
+                "turn by turn (a prefix changes when later turns are added), so assistant tokens "
+                "cannot be located; use a model whose template renders earlier turns unchanged"
+            )
+        span = list(range(len(before), len(after)))
+        ends = [i for i in span if full[i] == eos]
+        if ends:
+            span = [i for i in span if i <= ends[-1]]
+        for i in span:
+            labels[i] = full[i]
+    _check_signal_spans(record, backbone, full)
+    record._tokens[key] = (full, labels)
+    return full, labels
+
+
+def _check_signal_spans(record: Record, backbone, ids: list[int]) -> None:
+    """Captions need complete spans: `[IMG0][IMG1]` alone is no span for a 4-token profile."""
+    for modality, captions in record.captions.items():
+        signal = backbone.signal_ids.get(modality)
+        if not signal:
+            raise DatasetError(f"{record.where}: the profile has no {modality} signal tokens for its captions")
+        n = len(signal)
+        complete = sum(1 for i in range(len(ids) - n + 1) if ids[i: i + n] == signal)
+        if complete != len(captions):
+            expected = "".join(f"[{SIGNAL_PREFIXES[modality]}{i}]" for i in range(n))
+            raise DatasetError(
+                f"{record.where}: {len(captions)} {modality} caption(s) but {complete} complete signal "
+                f"span(s); this profile's span is {expected}"
+            )
+
+
+# --- easy-vqa -------------------------------------------------------------------------------------
+
+
+def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None, *,
+                      prompt: str = "{question} Answer with one word.") -> Path:
+    """Write the `easy-vqa` package's questions for `split` ("train" or "test") as a manifest.
+
+    Each line is one question about one image (shapes of one colour); the answer is one word of
+    `easy_vqa.get_answers()`. Image paths are absolute paths inside the installed package.
+    Returns the manifest's path, `out_dir/easy-vqa-{split}.jsonl`.
+    """
+    try:
+        import easy_vqa
+    except ImportError:
+        raise DatasetError("the easy-vqa package is not installed; install it with "
+                           "`python -m pip install easy-vqa`") from None
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise DatasetError(f"easy-vqa has splits 'train' and 'test', not {split!r}")
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / f"easy-vqa-{split}{'' if limit is None else f'-{limit}'}.jsonl"
+    count = len(questions) if limit is None else min(limit, len(questions))
+    with open(manifest, "w", encoding="utf-8") as fp:
+        for question, answer, image_id in zip(questions[:count], answers[:count], image_ids[:count]):
+            text = prompt.format(question=question[:1].upper() + question[1:])
+            line = {
+                "messages": [
+                    {"role": "user", "content": "<image>\n" + text},
+                    {"role": "assistant", "content": answer},
+                ],
+                "images": [str(Path(paths[image_id]).resolve())],
+            }
+            fp.write(json.dumps(line) + "\n")
+    return manifest
