@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--blind", action="store_true", help="drop the media: the baseline to beat")
     evaluate.add_argument("--limit", type=int)
 
+    proof = commands.add_parser("proof", help="the training proofs, each one command (see README)")
+    proof.add_argument("which", choices=["seeing"])
+    proof.add_argument("--out", default="results/proofs/seeing")
+    proof.add_argument("--pt-steps", type=int, default=150)
+    proof.add_argument("--it-steps", type=int, default=150)
+    proof.add_argument("--test-questions", type=int, default=1000)
+    proof.add_argument("--resume", action="store_true")
+
     bench = commands.add_parser("bench", help="benchmarks against their baselines, written under --out")
     bench.add_argument("suite", choices=["controller"])
     bench.add_argument("--out", default="results/bench")
@@ -94,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             from agent import train_commands
 
             return (train_commands.train if args.command == "train" else train_commands.evaluate)(args)
+        if args.command == "proof":
+            from agent.proofs import seeing
+
+            return seeing(args.out, pt_steps=args.pt_steps, it_steps=args.it_steps,
+                          test_questions=args.test_questions, resume=args.resume)
         if args.command == "bench":
             from agent.bench import run
 

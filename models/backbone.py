@@ -195,6 +195,20 @@ class Backbone(nn.Module):
         return self.model(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
                           labels=inputs.labels, output_hidden_states=output_hidden_states)
 
+    def labelled_loss(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next-token loss, last hidden states), with the LM head applied only where labels are.
+
+        The head is a (vocab x d) matmul at every position; in MM training only the answer tokens
+        carry loss, so computing logits for them alone saves most of that work.
+        """
+        hidden = self.model.get_decoder()(inputs_embeds=inputs.embeds,
+                                          attention_mask=inputs.attention_mask).last_hidden_state
+        targets = inputs.labels[:, 1:]
+        keep = targets != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = nn.functional.cross_entropy(logits.float(), targets[keep])
+        return loss, hidden
+
     def signal_states(self, hidden: torch.Tensor, token_map: torch.Tensor,
                       modality: str) -> list[tuple[int, int, torch.Tensor]]:
         """Hidden states of each complete signal span: [(row, start position, (n, d))]."""

@@ -237,13 +237,12 @@ class MMLLM(nn.Module):
             projected = {m: self.project(m, feats) for m, feats in ex.features.items() if feats}
             items.append(self.backbone.splice(ex.input_ids, projected, ex.labels))
         inputs = self.backbone.collate(items, padding_side="right")
-        wants_alignment = any(ex.targets for ex in examples)
-        out = self.backbone(inputs, output_hidden_states=wants_alignment)
+        text, hidden = self.backbone.labelled_loss(inputs)
         align = None
-        if wants_alignment:
-            align = self._alignment(out.hidden_states[-1], inputs.token_map, examples)
-        loss = out.loss if align is None else out.loss + alignment_weight * align
-        return Losses(loss, out.loss, align)
+        if any(ex.targets for ex in examples):
+            align = self._alignment(hidden, inputs.token_map, examples)
+        loss = text if align is None else text + alignment_weight * align
+        return Losses(loss, text, align)
 
     def _alignment(self, hidden: torch.Tensor, token_map: torch.Tensor, examples: list[Example]) -> torch.Tensor | None:
         losses = []
