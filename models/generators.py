@@ -163,16 +163,10 @@ def _placement(spec: ImageGeneratorSpec | AudioGeneratorSpec) -> tuple[torch.dev
 # images
 
 
-class ImageGenerator:
-    """Stable Diffusion fed with `prompt_embeds` (CLIP text-encoder states)."""
+class _PipelineGenerator:
+    """What both generators share: a diffusers pipeline whose progress bar can be switched."""
 
-    def __init__(
-        self, pipeline: StableDiffusionPipeline, *, steps: int = 25, guidance: float = 7.5, progress: bool = False
-    ) -> None:
-        self.pipeline = pipeline
-        self.steps = steps
-        self.guidance = guidance
-        self.progress = progress
+    pipeline: Any
 
     @property
     def progress(self) -> bool:
@@ -186,6 +180,19 @@ class ImageGenerator:
     @property
     def device(self) -> torch.device:
         return self.pipeline.device
+
+
+
+class ImageGenerator(_PipelineGenerator):
+    """Stable Diffusion fed with `prompt_embeds` (CLIP text-encoder states)."""
+
+    def __init__(
+        self, pipeline: StableDiffusionPipeline, *, steps: int = 25, guidance: float = 7.5, progress: bool = False
+    ) -> None:
+        self.pipeline = pipeline
+        self.steps = steps
+        self.guidance = guidance
+        self.progress = progress
 
     @property
     def dtype(self) -> torch.dtype:
@@ -254,7 +261,7 @@ def build_image_generator(spec: ImageGeneratorSpec, *, progress: bool = False) -
 # audio
 
 
-class AudioGenerator:
+class AudioGenerator(_PipelineGenerator):
     """AudioLDM-2 fed with T5 `prompt_embeds` and GPT-2 `generated_prompt_embeds`.
 
     AudioLDM-2 pads T5 input to the longest caption of a batch, so its length varies. Here it is
@@ -284,19 +291,6 @@ class AudioGenerator:
         self.max_new_tokens = int(getattr(pipeline.language_model.config, "max_new_tokens", None) or 8)
         self._empty: dict[str, torch.Tensor] | None = None
         self.progress = progress
-
-    @property
-    def progress(self) -> bool:
-        return self._progress
-
-    @progress.setter
-    def progress(self, value: bool) -> None:
-        self._progress = value
-        self.pipeline.set_progress_bar_config(disable=not value)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipeline.device
 
     @property
     def dtype(self) -> torch.dtype:

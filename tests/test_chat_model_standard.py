@@ -53,19 +53,6 @@ class Pick(BaseModel):
     count: int = Field(ge=0, le=9)
 
 
-@pytest.fixture(scope="module")
-def chaotic_mm():
-    """The tiny model with larger random weights, so it writes varied text rather than newlines."""
-    from models.mmllm import MMLLM
-    from models.profiles import load_profile
-
-    mm = MMLLM.from_profile(load_profile("tiny"), require_trained=False)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in mm.backbone.model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return mm
 
 
 @pytest.fixture

@@ -93,19 +93,6 @@ def mm():
     return MMLLM.from_profile(load_profile("tiny"), require_trained=False)
 
 
-@pytest.fixture(scope="module")
-def chaotic_mm():
-    """The tiny model with larger random weights: it writes varied byte soup, not just newlines."""
-    from models.mmllm import MMLLM
-    from models.profiles import load_profile
-
-    mm = MMLLM.from_profile(load_profile("tiny"), require_trained=False)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in mm.backbone.model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return mm
 
 
 class _Ban:
