@@ -7,7 +7,6 @@ is also written as Markdown (and JSON) under the output folder.
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -63,42 +62,6 @@ def controller_overhead(turns: int, work_dir: Path, profile_name: str = "tiny") 
 
 # --- tool-call validity -------------------------------------------------------------------------
 
-_REQUESTS = {
-    "transcribe": ["Transcribe {audio}.", "What is said in {audio}?", "Write down the words in recording {audio}.",
-                   "Can you tell me what the speaker says in {audio}?", "Give me a transcript of {audio}."],
-    "speak": ["Say '{sentence}' out loud.", "Read this aloud: {sentence}", "Turn '{sentence}' into speech.",
-              "Please speak the sentence: {sentence}", "I want to hear you say: {sentence}"],
-    "describe_image": ["What is in {image}?", "Describe {image}.", "What does {image} show?",
-                       "Name the objects in {image}.", "Tell me what you see in picture {image}."],
-    "generate_image": ["Draw {thing}.", "Make a picture of {thing}.", "Generate an image of {thing}.",
-                       "Create an illustration showing {thing}.", "Paint {thing} for me."],
-    "generate_audio": ["Make the sound of {noise}.", "Generate audio of {noise}.", "Create a sound effect: {noise}.",
-                       "Produce a recording of {noise}.", "Compose a short clip of {noise}."],
-    "search_knowledge": ["Search my notes for {topic}.", "What do my notes say about {topic}?",
-                         "Look up {topic} in the knowledge base.", "Find passages about {topic}.",
-                         "Check the documents for information on {topic}."],
-}
-_FILL = {
-    "audio": ["audio-1", "audio-2", "audio-3"], "image": ["image-1", "image-2", "image-4"],
-    "sentence": ["good morning everyone", "the meeting starts at ten", "thank you for coming"],
-    "thing": ["a red circle", "a cat on a sofa", "a mountain at sunset", "a blue triangle"],
-    "noise": ["rain on a roof", "a dog barking", "ocean waves"],
-    "topic": ["the team offsite", "the release process", "the microscope calibration"],
-}
-
-
-def validity_prompts(count: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(request, the tool it needs), varied phrasings and arguments, deterministic."""
-    rng = random.Random(seed)
-    names = sorted(_REQUESTS)
-    prompts = []
-    for i in range(count):
-        name = names[i % len(names)]
-        template = rng.choice(_REQUESTS[name])
-        prompts.append((template.format(**{k: rng.choice(v) for k, v in _FILL.items()}), name))
-    return prompts
-
-
 def tool_call_validity(count: int, work_dir: Path) -> dict:
     """Parse rate and right-tool rate of the local backbone's tool calls, constrained decoding on."""
     import jsonschema
@@ -117,7 +80,10 @@ def tool_call_validity(count: int, work_dir: Path) -> dict:
     constraint_args = dict(force_tool_call=True)
     parsed = right = valid_args = 0
     rows = []
-    for request, expected in validity_prompts(count):
+    from agent.tool_requests import requests
+
+    for item in requests(count, split="heldout", single_only=True):
+        request, expected = item["request"], item["calls"][0]["name"]
         chat = [{"role": "system", "content": system_prompt(schemas, [])}, {"role": "user", "content": request}]
         out = mm.generate(chat, max_new_tokens=96,
                           logits_processors=[ToolCallConstraint(mm.backbone.tokenizer, schemas, **constraint_args)])
@@ -139,7 +105,7 @@ def tool_call_validity(count: int, work_dir: Path) -> dict:
         rows.append({"request": request, "expected": expected, "called": call.name if call else None})
     (work_dir / "tool_calls.json").write_text(json.dumps(rows, indent=1))
     return {"prompts": count, "parse_rate": round(parsed / count, 4), "schema_valid_rate": round(valid_args / count, 4),
-            "right_tool_rate": round(right / count, 4), "chance_rate": round(1 / len(_REQUESTS), 4)}
+            "right_tool_rate": round(right / count, 4), "chance_rate": round(1 / len(schemas), 4)}
 
 
 # --- parallel tools -----------------------------------------------------------------------------

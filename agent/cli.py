@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int)
 
     proof = commands.add_parser("proof", help="the training proofs, each one command (see README)")
-    proof.add_argument("which", choices=["seeing"])
-    proof.add_argument("--out", default="results/proofs/seeing")
+    proof.add_argument("which", choices=["seeing", "choosing"])
+    proof.add_argument("--out", help="default results/proofs/WHICH")
     proof.add_argument("--pt-steps", type=int, default=150)
     proof.add_argument("--it-steps", type=int, default=150)
     proof.add_argument("--test-questions", type=int, default=1000)
@@ -103,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return (train_commands.train if args.command == "train" else train_commands.evaluate)(args)
         if args.command == "proof":
-            from agent.proofs import seeing
+            from agent import proofs
 
-            return seeing(args.out, pt_steps=args.pt_steps, it_steps=args.it_steps,
-                          test_questions=args.test_questions, resume=args.resume)
+            out = args.out or f"results/proofs/{args.which}"
+            if args.which == "choosing":
+                return proofs.choosing(out, resume=args.resume)
+            return proofs.seeing(out, pt_steps=args.pt_steps, it_steps=args.it_steps,
+                                 test_questions=args.test_questions, resume=args.resume)
         if args.command == "bench":
             from agent.bench import run
 

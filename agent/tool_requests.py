@@ -1,0 +1,97 @@
+"""Synthesised requests for the project's own tools: what the tool-choice benchmark and proof use.
+
+Each request comes with the calls it needs ({"name", "arguments"}), or none (a plain question).
+Phrasings are split: `split="train"` and `split="heldout"` never share a template, so a held-out
+score measures phrasings the model was not trained on.
+"""
+
+from __future__ import annotations
+
+import random
+
+# per tool: (template, arguments built from the fills); the last two templates of each are held out
+TEMPLATES: dict[str, list[str]] = {
+    "transcribe": ["Transcribe {audio}.", "What is said in {audio}?", "Write down the words in recording {audio}.",
+                   "Give me a transcript of {audio}.", "Turn the speech in {audio} into text.",
+                   "What does the speaker say in {audio}?",
+                   "Can you tell me what the speaker says in {audio}?", "I need the text of {audio}, please."],
+    "speak": ["Say '{sentence}' out loud.", "Read this aloud: {sentence}", "Turn '{sentence}' into speech.",
+              "Please speak the sentence: {sentence}", "Pronounce this for me: {sentence}",
+              "Make an audio clip of you saying: {sentence}",
+              "I want to hear you say: {sentence}", "Voice this line: {sentence}"],
+    "describe_image": ["What is in {image}?", "Describe {image}.", "What does {image} show?",
+                       "Name the objects in {image}.", "Label {image} for me.", "What can you see in {image}?",
+                       "Tell me what you see in picture {image}.", "Identify what {image} depicts."],
+    "generate_image": ["Draw {thing}.", "Make a picture of {thing}.", "Generate an image of {thing}.",
+                       "Paint {thing} for me.", "Sketch {thing}.", "Render {thing} as an image.",
+                       "Create an illustration showing {thing}.", "I'd like a drawing of {thing}."],
+    "generate_audio": ["Make the sound of {noise}.", "Generate audio of {noise}.", "Create a sound effect: {noise}.",
+                       "Synthesize {noise} as audio.", "Give me a clip that sounds like {noise}.",
+                       "Make some audio of {noise}.",
+                       "Produce a recording of {noise}.", "Compose a short clip of {noise}."],
+    "search_knowledge": ["Search my notes for {topic}.", "What do my notes say about {topic}?",
+                         "Look up {topic} in the knowledge base.", "Find passages about {topic}.",
+                         "Search the documents for {topic}.", "Is there anything in my notes on {topic}?",
+                         "Check the documents for information on {topic}.", "Dig up what we wrote about {topic}."],
+}
+PAIRS = ["{a} Also, {b}", "{a} And then: {b}", "First: {a} Second: {b}", "Two things. {a} {b}"]
+HELD_OUT = 2
+
+FILLS = {
+    "audio": [f"audio-{i}" for i in range(1, 10)],
+    "image": [f"image-{i}" for i in range(1, 10)],
+    "sentence": ["good morning everyone", "the meeting starts at ten", "thank you for coming",
+                 "the train leaves at noon", "please close the door", "welcome to the lab",
+                 "the results look promising", "lunch is ready"],
+    "thing": ["a red circle", "a cat on a sofa", "a mountain at sunset", "a blue triangle", "a lighthouse in fog",
+              "a bowl of fruit", "a robot reading a book", "a green square"],
+    "noise": ["rain on a roof", "a dog barking", "ocean waves", "a busy street", "birds at dawn",
+              "a crackling fire", "a ticking clock", "wind in trees"],
+    "topic": ["the team offsite", "the release process", "the microscope calibration", "the cold room",
+              "travel booking", "versioning", "the new hire checklist", "the budget review"],
+}
+ARGUMENT = {"transcribe": ("audio", "audio"), "speak": ("text", "sentence"), "describe_image": ("image", "image"),
+            "generate_image": ("prompt", "thing"), "generate_audio": ("prompt", "noise"),
+            "search_knowledge": ("query", "topic")}
+
+NO_TOOL = [  # (question, a short answer): requests that need no tool
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are in a week?", "A week has seven days."),
+    ("What colour is the sky on a clear day?", "It is blue."),
+    ("Say hello.", "Hello!"),
+    ("What is two plus three?", "Two plus three is five."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote it."),
+    ("What do bees make?", "Bees make honey."),
+    ("Thanks for your help!", "You are welcome."),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+]
+NO_TOOL_HELD_OUT = 3
+
+
+def _one(rng: random.Random, name: str, split: str) -> tuple[str, dict]:
+    templates = TEMPLATES[name][:-HELD_OUT] if split == "train" else TEMPLATES[name][-HELD_OUT:]
+    fills = {key: rng.choice(values) for key, values in FILLS.items()}
+    argument, fill = ARGUMENT[name]
+    return rng.choice(templates).format(**fills), {"name": name, "arguments": {argument: fills[fill]}}
+
+
+def requests(count: int, *, split: str = "train", seed: int = 0, single_only: bool = False) -> list[dict]:
+    """[{"request", "calls": [...], "answer": str | None}]: 70% one call, 15% two, 15% no tool."""
+    rng = random.Random(f"{split}-{seed}")
+    names = sorted(TEMPLATES)
+    questions = NO_TOOL[:-NO_TOOL_HELD_OUT] if split == "train" else NO_TOOL[-NO_TOOL_HELD_OUT:]
+    out = []
+    for i in range(count):
+        kind = "one" if single_only else rng.choices(["one", "two", "none"], weights=[70, 15, 15])[0]
+        if kind == "none":
+            question, answer = rng.choice(questions)
+            out.append({"request": question, "calls": [], "answer": answer})
+        elif kind == "one":
+            text, call = _one(rng, names[i % len(names)], split)
+            out.append({"request": text, "calls": [call], "answer": None})
+        else:
+            first, second = rng.sample(names, 2)
+            (a, call_a), (b, call_b) = _one(rng, first, split), _one(rng, second, split)
+            out.append({"request": rng.choice(PAIRS).format(a=a, b=b), "calls": [call_a, call_b], "answer": None})
+    return out
