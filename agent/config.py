@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.assets import home
+from models.config_files import problems, read_mapping
 from models.errors import ConfigError
 
 
@@ -41,13 +41,8 @@ def load_config(path: str | None = None) -> AgentConfig:
     if path is None:
         return AgentConfig()
     file = Path(path).expanduser()
-    if not file.exists():
-        raise ConfigError(f"the config file {str(file)!r} does not exist")
+    data = read_mapping(file, "agent config")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
         return AgentConfig.model_validate(data)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file} is not valid YAML: {exc}") from None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"config {str(file)!r} is invalid: {problems}") from None
+        raise ConfigError(f"config {str(file)!r} is invalid: {problems(exc)}") from None

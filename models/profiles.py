@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
+from models.config_files import problems, read_mapping
 from models.errors import ConfigError
 from models.specs import ProfileSpec
 
@@ -40,16 +40,9 @@ def _read(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, Path]:
         if not path.exists():
             raise ConfigError(f"no profile is called {name_or_path!r}; shipped profiles: "
                               f"{', '.join(profile_names())}, or give a path to a YAML file")
-    elif not path.exists():
-        raise ConfigError(f"the profile file {str(path)!r} does not exist")
     if str(path) in seen:
         raise ConfigError(f"profile {path} extends itself through {' -> '.join(seen)}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of component specs")
+    data = read_mapping(path, "profile: component specs")
     parent = data.pop("extends", None)
     if parent:
         base, _ = _read(str(parent), (*seen, str(path)))
@@ -68,8 +61,7 @@ def load_profile(name_or_path: str | None = None) -> ProfileSpec:
     try:
         return ProfileSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"profile {str(path)!r} is invalid: {problems}") from None
+        raise ConfigError(f"profile {str(path)!r} is invalid: {problems(exc)}") from None
 
 
 def components(profile: ProfileSpec) -> list[tuple[str, str]]:

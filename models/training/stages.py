@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from models.config_files import problems, read_mapping
 from models.errors import ConfigError
 from models.specs import DType
 
@@ -138,14 +138,7 @@ class TrainConfig(_Spec):
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         """Read a config file; relative data, output and cache paths are taken from its folder."""
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"the training config {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping (profile, stages, out_dir)")
+        data = read_mapping(path, "training config: profile, stages, out_dir")
         return cls.from_dict(data, base=path.parent, where=str(path))
 
     @classmethod
@@ -153,8 +146,7 @@ class TrainConfig(_Spec):
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"{where} is invalid: {problems}") from None
+            raise ConfigError(f"{where} is invalid: {problems(exc)}") from None
         return config.resolved(base) if base is not None else config
 
     def resolved(self, base: Path) -> "TrainConfig":
