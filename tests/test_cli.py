@@ -52,3 +52,17 @@ def test_a_corrupt_training_manifest_names_file_and_line(tmp_path):
     result = run("train", str(config))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{manifest}:2" in result.stderr
+
+
+@pytest.mark.smoke
+def test_kb_add_and_search_through_the_cli(tmp_path):
+    """Real MiniLM, real sqlite-vec file: ingest the shipped notes, find the offsite by paraphrase."""
+    config = tmp_path / "signalgraph.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nallowed_dirs: [{tmp_path}]\n")
+    notes = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "notes"
+    added = run("--config", str(config), "kb", "add", str(notes))
+    assert added.returncode == 0, added.stderr
+    assert "3 files ingested" in added.stdout
+    found = run("--config", str(config), "kb", "search", "where is the spring trip?", "-k", "2")
+    assert found.returncode == 0 and found.stdout.startswith("1. [")
+    assert "team-offsite.md#0" in found.stdout.splitlines()[0]

@@ -223,3 +223,12 @@ def test_conversation_persists_across_processes(tmp_path):
                             timeout=300)
     name, count = listed.stdout.split("\t")
     assert name == "kept" and int(count.split()[0]) >= 4  # both turns' question and reply survived
+
+
+def test_session_allowlists_come_from_config():
+    from agent.config import AgentConfig
+
+    config = AgentConfig(tools=["transcribe", "speak"], session_tools={"kiosk": ["search_knowledge"]})
+    assert config.tools_for("kiosk") == ["search_knowledge"]
+    assert config.tools_for("anyone") == ["transcribe", "speak"]
+    assert AgentConfig().tools_for("anyone") is None  # no allowlist: every tool
