@@ -295,7 +295,7 @@ class _StopFilter:
         return out
 
 
-class _TokenStreamer:
+class TokenStreamer:
     """A transformers streamer: decoded text deltas to a callback as tokens arrive. Trailing stop
     or pad tokens are held back, so the deltas add up to the decode of the final ids."""
 
@@ -523,7 +523,7 @@ class SignalgraphChatModel(BaseChatModel):
         prep = self._prepare(messages, stop, kwargs)
         tokenizer = prep["mm"].backbone.tokenizer
         deltas: queue.Queue = queue.Queue()
-        streamer = _TokenStreamer(lambda ids: self._decode(tokenizer, ids), prep["stop_ids"], deltas.put)
+        streamer = TokenStreamer(lambda ids: self._decode(tokenizer, ids), prep["stop_ids"], deltas.put)
         result: dict = {}
 
         def work():

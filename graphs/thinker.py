@@ -112,7 +112,7 @@ class BackboneThinker:
         return readable
 
     def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False) -> ThinkResult:
-        from graphs.chat_model import to_chat
+        from graphs.chat_model import TokenStreamer, to_chat
         from graphs.signal_parser import SignalParser, TextDelta, parse_message
         from models.constrained_decoding import ToolCallConstraint
 
@@ -131,8 +131,11 @@ class BackboneThinker:
         streamer = None
         if on_text is not None:
             parser = SignalParser(self._signal_strings())
-            streamer = _TextStreamer(self.mm.backbone.tokenizer, lambda chunk: [
-                on_text(e.text) for e in parser.feed(chunk) if isinstance(e, TextDelta)])
+            tokenizer = self.mm.backbone.tokenizer
+            streamer = TokenStreamer(lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                                     {tokenizer.eos_token_id, tokenizer.pad_token_id},
+                                     lambda chunk: [on_text(e.text) for e in parser.feed(chunk)
+                                                    if isinstance(e, TextDelta)])
         repeat = _RepeatedCallStop(self.mm.backbone.tokenizer)
         streamer = _Both(streamer, repeat) if streamer else repeat
         with self._lock:
@@ -203,29 +206,3 @@ class _Both:
     def end(self) -> None:
         for s in self.streamers:
             s.end()
-
-
-class _TextStreamer:
-    """A transformers streamer that hands decoded text deltas to a callback as tokens arrive."""
-
-    def __init__(self, tokenizer, callback: Callable[[str], None]):
-        self.tokenizer = tokenizer
-        self.callback = callback
-        self.stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-        self.ids: list[int] = []
-        self.sent = 0
-        self.prompt_skipped = False
-
-    def put(self, value) -> None:
-        if not self.prompt_skipped:  # generate() first passes the prompt (empty with inputs_embeds)
-            self.prompt_skipped = True
-            return
-        self.ids += [i for i in value.flatten().tolist() if i not in self.stop]
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        self.callback(text[self.sent:])
-        self.sent = len(text)
-
-    def end(self) -> None:
-        pass

@@ -85,11 +85,6 @@ class ModelPool:
         with self._guard:
             return self._key(kind, spec) in self._models
 
-    def evict(self, kind: str, spec: Any) -> bool:
-        """Drop one model (it is rebuilt on next use). True if it was loaded."""
-        with self._guard:
-            return self._models.pop(self._key(kind, spec), None) is not None
-
     def clear(self) -> None:
         with self._guard:
             self._models.clear()
