@@ -92,7 +92,7 @@ def _choose(thinker, schemas: list[dict], items: list[dict]) -> dict:
             "rows": rows}
 
 
-def choosing(out: str, *, train_count: int = 480, test_count: int = 60, steps: int = 60, batch_size: int = 8,
+def choosing(out: str, *, train_count: int = 1200, test_count: int = 60, steps: int = 150, batch_size: int = 8,
              lr: float = 5e-4, resume: bool = False) -> int:
     """LoRA-tune SmolLM2 to call the project's tools; right tool / arguments before and after."""
     from agent.tool_requests import requests

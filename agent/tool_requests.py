@@ -9,29 +9,51 @@ from __future__ import annotations
 
 import random
 
-# per tool: (template, arguments built from the fills); the last two templates of each are held out
+# per tool: 14 training phrasings, then the 2 held-out ones
 TEMPLATES: dict[str, list[str]] = {
     "transcribe": ["Transcribe {audio}.", "What is said in {audio}?", "Write down the words in recording {audio}.",
                    "Give me a transcript of {audio}.", "Turn the speech in {audio} into text.",
-                   "What does the speaker say in {audio}?",
+                   "What does the speaker say in {audio}?", "What are they saying in {audio}?",
+                   "Could you transcribe the recording {audio} for me?", "Convert {audio} to text.",
+                   "Type out what is spoken in {audio}.", "I need a written version of {audio}.",
+                   "Listen to {audio} and tell me the words.", "What did the person in {audio} say?",
+                   "Put the words of {audio} on the page.",
                    "Can you tell me what the speaker says in {audio}?", "I need the text of {audio}, please."],
     "speak": ["Say '{sentence}' out loud.", "Read this aloud: {sentence}", "Turn '{sentence}' into speech.",
               "Please speak the sentence: {sentence}", "Pronounce this for me: {sentence}",
-              "Make an audio clip of you saying: {sentence}",
+              "Make an audio clip of you saying: {sentence}", "Say this in your voice: {sentence}",
+              "Speak these words: {sentence}", "Can you read out '{sentence}'?", "Record yourself saying: {sentence}",
+              "Use text to speech on: {sentence}", "Let me hear '{sentence}' spoken.",
+              "Announce out loud: {sentence}", "Give me a spoken version of: {sentence}",
               "I want to hear you say: {sentence}", "Voice this line: {sentence}"],
     "describe_image": ["What is in {image}?", "Describe {image}.", "What does {image} show?",
                        "Name the objects in {image}.", "Label {image} for me.", "What can you see in {image}?",
+                       "Look at {image} and tell me what it is.", "What's pictured in {image}?",
+                       "Give me a caption for {image}.", "Explain what is shown in photo {image}.",
+                       "Classify the picture {image}.", "Which things appear in {image}?",
+                       "Can you recognise what {image} contains?", "Have a look at {image}: what is it?",
                        "Tell me what you see in picture {image}.", "Identify what {image} depicts."],
     "generate_image": ["Draw {thing}.", "Make a picture of {thing}.", "Generate an image of {thing}.",
                        "Paint {thing} for me.", "Sketch {thing}.", "Render {thing} as an image.",
+                       "Can you draw {thing}?", "Show me a picture of {thing}.", "Design an image with {thing}.",
+                       "Please produce artwork of {thing}.", "I want an image of {thing}.",
+                       "Illustrate {thing}.", "Make me a painting of {thing}.", "Picture {thing} for me, as an image.",
                        "Create an illustration showing {thing}.", "I'd like a drawing of {thing}."],
     "generate_audio": ["Make the sound of {noise}.", "Generate audio of {noise}.", "Create a sound effect: {noise}.",
                        "Synthesize {noise} as audio.", "Give me a clip that sounds like {noise}.",
-                       "Make some audio of {noise}.",
+                       "Make some audio of {noise}.", "I need a sound effect of {noise}.",
+                       "Can you make a sound like {noise}?", "Play me {noise}, as generated audio.",
+                       "Create an ambient track of {noise}.", "Generate the noise of {noise}.",
+                       "Make a soundscape of {noise}.", "I want to hear {noise}, please generate it.",
+                       "Build an audio clip with {noise}.",
                        "Produce a recording of {noise}.", "Compose a short clip of {noise}."],
     "search_knowledge": ["Search my notes for {topic}.", "What do my notes say about {topic}?",
                          "Look up {topic} in the knowledge base.", "Find passages about {topic}.",
                          "Search the documents for {topic}.", "Is there anything in my notes on {topic}?",
+                         "What did we document about {topic}?", "Find my notes on {topic}.",
+                         "Query the knowledge base: {topic}.", "Pull up the documents about {topic}.",
+                         "Do we have notes about {topic}?", "Retrieve what the docs say on {topic}.",
+                         "Remind me what our notes say regarding {topic}.", "Search for {topic} in my files.",
                          "Check the documents for information on {topic}.", "Dig up what we wrote about {topic}."],
 }
 PAIRS = ["{a} Also, {b}", "{a} And then: {b}", "First: {a} Second: {b}", "Two things. {a} {b}"]
@@ -62,6 +84,20 @@ NO_TOOL = [  # (question, a short answer): requests that need no tool
     ("What is two plus three?", "Two plus three is five."),
     ("Who wrote Romeo and Juliet?", "William Shakespeare wrote it."),
     ("What do bees make?", "Bees make honey."),
+    ("Thank you so much.", "You are welcome."),
+    ("Good morning!", "Good morning! How can I help?"),
+    ("Hi there, how are you?", "I am well, thank you. How can I help?"),
+    ("What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea level."),
+    ("Which planet is closest to the sun?", "Mercury is closest to the sun."),
+    ("Great, that is all for now.", "Glad to help. Goodbye!"),
+    ("How many hours are in a day?", "A day has 24 hours."),
+    ("What is the largest ocean?", "The Pacific is the largest ocean."),
+    ("Can you explain what a noun is?", "A noun is a word that names a person, place or thing."),
+    ("What is ten minus four?", "Ten minus four is six."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted it."),
+    ("What language is spoken in Brazil?", "Portuguese is spoken in Brazil."),
+    ("Okay, thanks.", "You are welcome."),
+    ("What is the freezing point of water?", "Water freezes at 0 degrees Celsius."),
     ("Thanks for your help!", "You are welcome."),
     ("What is the opposite of hot?", "The opposite of hot is cold."),
     ("How many legs does a spider have?", "A spider has eight legs."),
@@ -77,13 +113,13 @@ def _one(rng: random.Random, name: str, split: str) -> tuple[str, dict]:
 
 
 def requests(count: int, *, split: str = "train", seed: int = 0, single_only: bool = False) -> list[dict]:
-    """[{"request", "calls": [...], "answer": str | None}]: 70% one call, 15% two, 15% no tool."""
+    """[{"request", "calls": [...], "answer": str | None}]: 60% one call, 25% two, 15% no tool."""
     rng = random.Random(f"{split}-{seed}")
     names = sorted(TEMPLATES)
     questions = NO_TOOL[:-NO_TOOL_HELD_OUT] if split == "train" else NO_TOOL[-NO_TOOL_HELD_OUT:]
     out = []
     for i in range(count):
-        kind = "one" if single_only else rng.choices(["one", "two", "none"], weights=[70, 15, 15])[0]
+        kind = "one" if single_only else rng.choices(["one", "two", "none"], weights=[60, 25, 15])[0]
         if kind == "none":
             question, answer = rng.choice(questions)
             out.append({"request": question, "calls": [], "answer": answer})

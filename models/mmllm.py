@@ -300,28 +300,47 @@ class MMLLM(nn.Module):
         decoding); `streamer` is a transformers streamer that receives tokens as they come;
         `stopping_criteria` may end decoding early.
         """
+        return self.generate_many([(messages, {"image": images, "audio": audios, "video": videos})],
+                                  max_new_tokens=max_new_tokens, logits_processors=logits_processors,
+                                  streamer=streamer, stopping_criteria=stopping_criteria)[0]
+
+    @torch.no_grad()
+    def generate_many(self, requests: list[tuple[list[dict], dict[str, list | None]]], *,
+                      max_new_tokens: int | None = None, logits_processors: list | None = None, streamer=None,
+                      stopping_criteria: list | None = None) -> list[Generation]:
+        """Greedy generation for several (messages, {modality: items}) at once, in one batch.
+
+        Prompts are left-padded so every row continues from its last real token; each row's
+        answer is the same as from `generate` alone (up to float rounding in the padded matmuls).
+        """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         from models.signal_decoding import SignalSpanProcessor
 
-        media = {m: items for m, items in (("image", images), ("audio", audios), ("video", videos)) if items}
-        prompt_ids = self.backbone.chat_ids(self._prompt(messages, media))
-        features = {m: self.project(m, self.encode(m, items)) for m, items in media.items()}
-        embeds, token_map, _ = self.backbone.splice(prompt_ids, features)
-        inputs = self.backbone.collate([(embeds, token_map, None)], padding_side="left")
+        rows = []
+        for messages, given in requests:
+            media = {m: items for m, items in given.items() if items}
+            prompt_ids = self.backbone.chat_ids(self._prompt(messages, media))
+            features = {m: self.project(m, self.encode(m, items)) for m, items in media.items()}
+            embeds, token_map, _ = self.backbone.splice(prompt_ids, features)
+            rows.append((embeds, token_map, None))
+        inputs = self.backbone.collate(rows, padding_side="left")
         tokenizer = self.backbone.tokenizer
         processor = SignalSpanProcessor(self.backbone.signal_ids)
-        new_ids = self.backbone.model.generate(
+        generated = self.backbone.model.generate(
             inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
             max_new_tokens=max_new_tokens or self.profile.backbone.max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             logits_processor=LogitsProcessorList([processor, *(logits_processors or [])]), streamer=streamer,
             stopping_criteria=StoppingCriteriaList(stopping_criteria or []),
-        )[0].tolist()
+        ).tolist()
         stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-        while new_ids and new_ids[-1] in stop:
-            new_ids.pop()
-        return self._with_spans(inputs, new_ids)
+        out = []
+        for row, new_ids in zip(rows, generated, strict=True):
+            # a finished row is padded to the longest; its answer ends at its first stop token
+            end = next((i for i, t in enumerate(new_ids) if t in stop), len(new_ids))
+            out.append(self._with_spans(self.backbone.collate([row], padding_side="left"), new_ids[:end]))
+        return out
 
     def _with_spans(self, inputs, new_ids: list[int]) -> Generation:
         tokenizer = self.backbone.tokenizer

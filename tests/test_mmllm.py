@@ -107,3 +107,24 @@ def test_parameter_counts_show_the_trainable_share(mm):
     counts = mm.parameter_counts()
     assert counts["backbone"][0] == 0
     assert counts["input_projector.image"][0] == counts["input_projector.image"][1] > 0
+
+
+def test_batched_generation_matches_one_at_a_time(mm):
+    from PIL import Image
+
+    mm.backbone.enable_lora()  # the batch must go through the adapted model the same way
+    with torch.no_grad():
+        for name, p in mm.backbone.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    requests = [
+        ([{"role": "user", "content": "what is this?"}], {"image": [Image.new("RGB", (40, 30), "red")]}),
+        ([{"role": "user", "content": "a much longer question that needs padding on the left"}], {}),
+        ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "<image>\nand this?"}],
+         {"image": [Image.new("RGB", (32, 32), "blue")]}),
+    ]
+    batched = mm.generate_many(requests, max_new_tokens=6)
+    alone = [mm.generate(messages, images=media.get("image"), max_new_tokens=6) for messages, media in requests]
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
+    assert [b.text for b in batched] == [a.text for a in alone]
+    assert len({tuple(b.token_ids) for b in batched}) > 1  # rows differ, so a mix-up would show

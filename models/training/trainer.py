@@ -611,11 +611,12 @@ class EvalResult:
 
 
 def evaluate(mm, manifest: str | Path | list[Record], *, blind: bool = False, limit: int | None = None,
-             max_new_tokens: int = 16, progress: bool = True) -> EvalResult:
+             max_new_tokens: int = 16, batch_size: int = 16, progress: bool = True) -> EvalResult:
     """Exact-match accuracy of greedy answers to each line's last assistant turn.
 
     The prompt is the conversation before that turn, with its media. `blind=True` drops the media
-    and their placeholders: the text-only baseline (how far the questions alone get).
+    and their placeholders: the text-only baseline (how far the questions alone get). Questions
+    are answered `batch_size` at a time.
     """
     from tqdm.auto import tqdm
 
@@ -626,28 +627,37 @@ def evaluate(mm, manifest: str | Path | list[Record], *, blind: bool = False, li
     was_training = mm.training
     mm.eval()
     correct, predictions = 0, []
+
+    def request(record: Record) -> tuple[list[dict], dict]:
+        last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+        prompt = [dict(m) for m in record.messages[:last]]
+        media: dict[str, list] = {}
+        if blind:
+            for m in prompt:
+                for placeholder in PLACEHOLDERS.values():
+                    m["content"] = m["content"].replace(placeholder + "\n", "").replace(placeholder, "")
+        else:
+            for modality, paths in record.media.items():
+                if paths:
+                    media[modality] = [load_media(modality, p, mm.profile, record.where) for p in paths]
+        return prompt, media
+
     try:
-        for record in tqdm(records, desc="evaluating" + (" (blind)" if blind else ""), disable=not progress):
-            last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
-            prompt = [dict(m) for m in record.messages[:last]]
-            media: dict[str, list] = {}
-            if blind:
-                for m in prompt:
-                    for placeholder in PLACEHOLDERS.values():
-                        m["content"] = m["content"].replace(placeholder + "\n", "").replace(placeholder, "")
-            else:
-                for modality, paths in record.media.items():
-                    if paths:
-                        media[modality] = [load_media(modality, p, mm.profile, record.where) for p in paths]
-            out = mm.generate(prompt, images=media.get("image"), audios=media.get("audio"),
-                              videos=media.get("video"), max_new_tokens=max_new_tokens)
-            answer = out.text.split(mm.backbone.tokenizer.eos_token or "\0")[0]
-            expected = record.messages[last]["content"]
-            ok = normalise_answer(answer) == normalise_answer(expected)
-            correct += ok
-            question = prompt[-1]["content"] if prompt else ""
-            predictions.append({"where": record.where, "question": question, "expected": expected,
-                                "answer": answer, "correct": ok})
+        bar = tqdm(total=len(records), desc="evaluating" + (" (blind)" if blind else ""), disable=not progress)
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            asked = [request(r) for r in chunk]
+            outs = mm.generate_many(asked, max_new_tokens=max_new_tokens)
+            for record, (prompt, _), out in zip(chunk, asked, outs, strict=True):
+                answer = out.text.split(mm.backbone.tokenizer.eos_token or "\0")[0]
+                expected = record.messages[len(prompt)]["content"]
+                ok = normalise_answer(answer) == normalise_answer(expected)
+                correct += ok
+                question = prompt[-1]["content"] if prompt else ""
+                predictions.append({"where": record.where, "question": question, "expected": expected,
+                                    "answer": answer, "correct": ok})
+            bar.update(len(chunk))
+        bar.close()
     finally:
         mm.train(was_training)
     total = len(records)
