@@ -190,11 +190,11 @@ def _blank_image() -> Image.Image:
 
 
 class EfficientNetLite0Encoder(ImageEncoder):
-    """ImageNet EfficientNet-lite0: the 7x7 grid of its last conv layer as 49 tokens of 1280."""
+    """ImageNet EfficientNet-lite0: the 7x7 grid of its last conv layer as 49 tokens of 1280,
+    plus their mean as a 50th with `pooled_token`."""
 
     image_size = 224
     hidden_size = 1280
-    num_tokens = 49
 
     def __init__(self, spec: ImageEncoderSpec, device: torch.device, dtype: torch.dtype) -> None:
         from efficientnet_lite_pytorch import EfficientNet
@@ -205,6 +205,8 @@ class EfficientNetLite0Encoder(ImageEncoder):
         with contextlib.redirect_stdout(io.StringIO()):
             model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
         self.model = model.to(device=device, dtype=dtype).eval()
+        self.pooled_token = spec.pooled_token
+        self.num_tokens = 49 + self.pooled_token
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         from PIL import Image
@@ -224,7 +226,8 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         grid = self.model.extract_features(pixels.to(device=self.device, dtype=self.dtype))  # (B, 1280, 7, 7)
-        return grid.flatten(2).transpose(1, 2)
+        tokens = grid.flatten(2).transpose(1, 2)
+        return torch.cat([tokens, tokens.mean(1, keepdim=True)], dim=1) if self.pooled_token else tokens
 
     @cached_property
     def labels(self) -> list[str]:

@@ -37,6 +37,9 @@ class ImageEncoderSpec(Placement):
     select_layer: int = -2
     # patch: drop the CLS token; cls_patch: keep it
     select_feature: Literal["patch", "cls_patch"] = "patch"
+    # efficientnet_lite0: append the grid's mean as one more token, a global summary of the image
+    # (what a ViT's CLS token gives), so answers about the whole image need no search over cells
+    pooled_token: bool = False
 
 
 class AudioEncoderSpec(Placement):

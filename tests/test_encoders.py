@@ -176,6 +176,18 @@ def test_efficientnet_features(efficientnet):
 
 
 @pytest.mark.smoke
+def test_efficientnet_pooled_token_is_the_mean_of_the_grid(efficientnet):
+    spec = ImageEncoderSpec(kind="efficientnet_lite0", source="shipped:efficientnet-lite0", device="cpu",
+                            pooled_token=True)
+    pooled = build_image_encoder(spec)
+    images = _images(2, size=(64, 64))
+    grid, with_pooled = efficientnet.encode(images), pooled.encode(images)
+    assert pooled.num_tokens == 50 and with_pooled.shape == (2, 50, 1280)
+    assert torch.allclose(with_pooled[:, :49], grid)
+    assert torch.allclose(with_pooled[:, 49], grid.mean(1), atol=1e-6)
+
+
+@pytest.mark.smoke
 def test_efficientnet_sees_a_cat(efficientnet):
     from skimage.data import chelsea
 
