@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int)
 
     proof = commands.add_parser("proof", help="the training proofs, each one command (see README)")
-    proof.add_argument("which", choices=["seeing", "choosing"])
+    proof.add_argument("which", choices=["seeing", "drawing", "choosing"])
     proof.add_argument("--out", help="default results/proofs/WHICH")
     proof.add_argument("--pt-steps", type=int, default=150)
     proof.add_argument("--it-steps", type=int, default=150)
@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or f"results/proofs/{args.which}"
             if args.which == "choosing":
                 return proofs.choosing(out, resume=args.resume)
+            if args.which == "drawing":
+                from agent.proof_drawing import drawing
+
+                return drawing(out, resume=args.resume)
             return proofs.seeing(out, pt_steps=args.pt_steps, it_steps=args.it_steps,
                                  test_questions=args.test_questions, resume=args.resume)
         if args.command == "bench":

@@ -292,3 +292,28 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
             }
             fp.write(json.dumps(line) + "\n")
     return manifest
+
+
+def easy_vqa_shapes(split: str) -> list[tuple[str, str, str]]:
+    """(image path, colour, shape) for each easy-vqa image of `split` whose questions and answers
+    name both; an image shows one shape of one colour, so its caption is "a <colour> <shape>"."""
+    import easy_vqa
+
+    from models.training.shape_judge import COLORS, SHAPES
+
+    if split not in ("train", "test"):
+        raise DatasetError(f"easy-vqa has splits 'train' and 'test', not {split!r}")
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    known: dict[int, dict[str, str]] = {}
+    for question, answer, image in zip(questions, answers, image_ids):
+        words = set(question.rstrip("?").split())
+        facts = known.setdefault(image, {})
+        named = {"color": words & set(COLORS), "shape": words & set(SHAPES)}
+        if answer in COLORS or answer in SHAPES:  # "what color is the circle?" red; "what is the blue shape?"
+            named["color" if answer in COLORS else "shape"] = {answer}
+        elif (answer == "yes") == bool(words & {"no", "not"}):  # a denial: "is there not a red shape?" yes
+            continue
+        facts.update({kind: next(iter(found)) for kind, found in named.items() if len(found) == 1})
+    return [(str(Path(paths[i]).resolve()), f["color"], f["shape"])
+            for i, f in sorted(known.items()) if {"color", "shape"} <= f.keys()]
