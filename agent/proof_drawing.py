@@ -81,7 +81,7 @@ def _score(judge, asked: list[tuple[str, str]], images: list) -> list[bool]:
     return [s == a for s, a in zip(seen, asked, strict=True)]
 
 
-def drawing(out: str, *, vae_steps: int = 200, unet_steps: int = 2000, pt_steps: int = 150, it_steps: int = 100,
+def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps: int = 150, it_steps: int = 100,
             batch_size: int = 16, seeds: int = 4, resume: bool = False, seed: int = 0) -> int:
     from models.generators import build_image_generator
     from models.mmllm import MMLLM
