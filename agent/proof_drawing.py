@@ -61,18 +61,23 @@ def _manifests(data: Path, count: int, seed: int) -> tuple[Path, Path]:
     return pt, it
 
 
-def _grid(rows: list[tuple[str, list]], path: Path, scale: int = 2) -> None:
-    """One labelled row of samples per request."""
+def _grid(samples: dict[tuple[str, str], list], path: Path, scale: int = 2) -> None:
+    """A row per colour, a group of columns per shape, the seeds side by side."""
     from PIL import Image, ImageDraw
 
-    side = rows[0][1][0].width * scale
-    label = 110
-    grid = Image.new("RGB", (label + side * max(len(r[1]) for r in rows), side * len(rows)), "white")
+    seeds = max(len(images) for images in samples.values())
+    side = next(iter(samples.values()))[0].width * scale
+    label, header, gap = 60, 18, 8
+    group = side * seeds + gap
+    grid = Image.new("RGB", (label + group * len(SHAPES), header + side * len(COLORS)), "white")
     draw = ImageDraw.Draw(grid)
-    for y, (text, images) in enumerate(rows):
-        draw.text((4, y * side + side // 2 - 6), text, fill="black")
-        for x, image in enumerate(images):
-            grid.paste(image.resize((side, side)), (label + x * side, y * side))
+    for x, shape in enumerate(SHAPES):
+        draw.text((label + x * group + 4, 3), shape, fill="black")
+    for y, color in enumerate(COLORS):
+        draw.text((4, header + y * side + side // 2 - 6), color, fill="black")
+        for x, shape in enumerate(SHAPES):
+            for k, image in enumerate(samples[(color, shape)]):
+                grid.paste(image.resize((side, side)), (label + x * group + k * side, header + y * side))
     grid.save(path)
 
 
@@ -83,6 +88,8 @@ def _score(judge, asked: list[tuple[str, str]], images: list) -> list[bool]:
 
 def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps: int = 150, it_steps: int = 100,
             batch_size: int = 16, seeds: int = 4, resume: bool = False, seed: int = 0) -> int:
+    from PIL import Image
+
     from models.generators import build_image_generator
     from models.mmllm import MMLLM
     from models.profiles import load_profile
@@ -112,16 +119,16 @@ def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps:
     generator_minutes = (time.perf_counter() - started) / 60
 
     # the reference: the generator fed its own text encoder's conditioning
-    generator = build_image_generator(ImageGeneratorSpec(source=str(pipeline.resolve()), steps=generator_cfg.sample_steps,
-                                                         guidance=generator_cfg.guidance, device="cpu"))
+    spec = ImageGeneratorSpec(source=str(pipeline.resolve()), steps=generator_cfg.sample_steps,
+                              guidance=generator_cfg.guidance, device="cpu")
+    generator = build_image_generator(spec)
     pairs = list(itertools.product(COLORS, SHAPES))
-    reference_rows, reference_ok = [], []
+    reference, reference_ok = {}, []
     for c, s in pairs:
         conditioning = generator.text_conditioning([f"a {c} {s}"] * seeds)
-        images = generator.generate(conditioning, seed=seed)
-        reference_ok += _score(judge, [(c, s)] * seeds, images)
-        reference_rows.append((f"a {c} {s}", images))
-    _grid(reference_rows, out_dir / "reference-grid.png")
+        reference[(c, s)] = generator.generate(conditioning, seed=seed)
+        reference_ok += _score(judge, [(c, s)] * seeds, reference[(c, s)])
+    _grid(reference, out_dir / "reference-grid.png")
 
     # the MM-LLM: PT aligns the output projector, IT teaches the backbone to draw on request
     profile_file = out_dir / "profile.yaml"
@@ -149,23 +156,20 @@ def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps:
     mm = MMLLM.from_profile(load_profile(str(result.profile)))
     mm.generators["image"] = generator  # the same loaded pipeline
 
-    rows, ok, emitted = [], [], 0
+    empty = Image.new("RGB", (generator_cfg.image_size,) * 2, "lightgray")  # no signal span, no picture
+    drawn, ok, emitted = {}, [], 0
     for c, s in pairs:
         out = mm.generate([{"role": "user", "content": f"Draw a {c} {s}."}], max_new_tokens=24)
         span = next((sp for sp in out.spans if sp.modality == "image" and sp.conditioning is not None), None)
         if span is None:
             ok += [False] * seeds
-            rows.append((f"a {c} {s}", []))
+            drawn[(c, s)] = [empty] * seeds
             continue
         emitted += 1
         conditioning = {k: v.unsqueeze(0).expand(seeds, *v.shape) for k, v in span.conditioning.items()}
-        images = generator.generate(conditioning, seed=seed)
-        ok += _score(judge, [(c, s)] * seeds, images)
-        rows.append((f"a {c} {s}", images))
-    from PIL import Image
-
-    empty = Image.new("RGB", (generator_cfg.image_size,) * 2, "lightgray")  # no signal span, no picture
-    _grid([(text, images or [empty] * seeds) for text, images in rows], out_dir / "grid.png")
+        drawn[(c, s)] = generator.generate(conditioning, seed=seed)
+        ok += _score(judge, [(c, s)] * seeds, drawn[(c, s)])
+    _grid(drawn, out_dir / "grid.png")
 
     report = {
         "pairs": len(pairs), "seeds_per_pair": seeds,

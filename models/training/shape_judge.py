@@ -50,7 +50,7 @@ class ShapeJudge(nn.Module):
         return [(COLORS[c], SHAPES[s]) for c, s in zip(color.argmax(1).tolist(), shape.argmax(1).tolist())]
 
 
-def train_judge(examples: list[tuple[str, str, str]], *, steps: int = 600, batch_size: int = 64,
+def train_judge(examples: list[tuple[str, str, str]], *, steps: int = 1500, batch_size: int = 64,
                 image_size: int = 32, seed: int = 0, progress: bool = True) -> ShapeJudge:
     """Train on (image path, colour, shape) triples."""
     from PIL import Image
