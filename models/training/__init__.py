@@ -4,6 +4,8 @@
 - `data`     JSONL manifests (format in its docstring), validation, assistant-only labels, easy-vqa
 - `features` the frozen-encoder feature cache and the dataset of `Example`s
 - `trainer`  `train(config)` on accelerate, checkpoints and resume, `evaluate`, `pt_throughput`
+- `image_generator`  a small text-to-image Stable Diffusion trained from scratch (the drawing proof's generator)
+- `shape_judge`      a CNN that names colour and shape in easy-vqa style images (the drawing proof's judge)
 
 """
 
