@@ -81,11 +81,12 @@ def _components(cfg: GeneratorTraining, captions: list[str]):
     return tokenizer, text_encoder, vae, unet, scheduler
 
 
-def _images(paths: list[str], size: int) -> torch.Tensor:
+def pixels(images: list, size: int) -> torch.Tensor:
+    """PIL images (or paths) as (B, 3, size, size) in [-1, 1]: what the VAE reads and writes."""
     from PIL import Image
 
-    out = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-                    for p in paths])
+    images = [Image.open(im) if isinstance(im, (str, Path)) else im for im in images]
+    out = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for im in images])
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -109,7 +110,7 @@ def train_image_generator(pairs: list[tuple[str, str]], out_dir: str | Path,
     rng = random.Random(cfg.seed)
     captions = [c for _, c in pairs]
     tokenizer, text_encoder, vae, unet, scheduler = _components(cfg, captions)
-    pixels = _images([p for p, _ in pairs], cfg.image_size)
+    data = pixels([p for p, _ in pairs], cfg.image_size)
 
     # 1. the autoencoder
     vae_dir = out_dir / "vae"
@@ -117,7 +118,7 @@ def train_image_generator(pairs: list[tuple[str, str]], out_dir: str | Path,
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     with open(vae_dir / "log.jsonl", "w") as log:
         for step in tqdm(range(1, cfg.vae_steps + 1), desc="generator: VAE", disable=not progress):
-            batch = pixels[torch.randint(len(pixels), (cfg.batch_size,))]
+            batch = data[torch.randint(len(data), (cfg.batch_size,))]
             posterior = vae.encode(batch).latent_dist
             recon = vae.decode(posterior.sample()).sample
             loss = F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
@@ -129,7 +130,7 @@ def train_image_generator(pairs: list[tuple[str, str]], out_dir: str | Path,
     plot_losses(vae_dir, "generator VAE: reconstruction")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        latents = torch.cat([vae.encode(data[i:i + 256]).latent_dist.mean for i in range(0, len(data), 256)])
     scale = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale

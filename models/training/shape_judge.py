@@ -34,13 +34,9 @@ class ShapeJudge(nn.Module):
         return self.color(h), self.shape(h)
 
     def pixels(self, images) -> torch.Tensor:
-        from PIL import Image
+        from models.training.image_generator import pixels
 
-        import numpy as np
-
-        size = self.image_size
-        arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for im in images]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return pixels(images, self.image_size)
 
     @torch.no_grad()
     def judge(self, images) -> list[tuple[str, str]]:
