@@ -116,7 +116,7 @@ def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps:
         judge = train_judge(train_shapes, image_size=generator_cfg.image_size, seed=seed)
         save_judge(judge, judge_file)
     judge_test = judge_accuracy(judge, test_shapes)
-    generator_minutes = (time.perf_counter() - started) / 60
+    generator_and_judge_minutes = (time.perf_counter() - started) / 60
 
     # the reference: the generator fed its own text encoder's conditioning
     spec = ImageGeneratorSpec(source=str(pipeline.resolve()), steps=generator_cfg.sample_steps,
@@ -178,7 +178,7 @@ def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps:
         "reference_generator_own_text_encoder": round(sum(reference_ok) / len(reference_ok), 4),
         "chance": round(1 / len(pairs), 4),
         "judge_accuracy_on_easy_vqa_test": round(judge_test, 4),
-        "generator_minutes": round(generator_minutes, 1),
+        "generator_and_judge_minutes": round(generator_and_judge_minutes, 1),
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
         "trainable": {name: stage.counts for name, stage in result.stages.items()},
         "profile": str(result.profile),

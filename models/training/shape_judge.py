@@ -40,7 +40,7 @@ class ShapeJudge(nn.Module):
 
     @torch.no_grad()
     def judge(self, images) -> list[tuple[str, str]]:
-        """(colour, shape) for each PIL image."""
+        """(colour, shape) for each PIL image or image path."""
         self.eval()
         color, shape = self(self.pixels(images))
         return [(COLORS[c], SHAPES[s]) for c, s in zip(color.argmax(1).tolist(), shape.argmax(1).tolist())]
@@ -49,12 +49,11 @@ class ShapeJudge(nn.Module):
 def train_judge(examples: list[tuple[str, str, str]], *, steps: int = 1500, batch_size: int = 64,
                 image_size: int = 32, seed: int = 0, progress: bool = True) -> ShapeJudge:
     """Train on (image path, colour, shape) triples."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     judge = ShapeJudge(image_size)
-    pixels = judge.pixels([Image.open(p) for p, _, _ in examples])
+    pixels = judge.pixels([p for p, _, _ in examples])
     colors = torch.tensor([COLORS.index(c) for _, c, _ in examples])
     shapes = torch.tensor([SHAPES.index(s) for _, _, s in examples])
     optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3)
@@ -73,9 +72,7 @@ def train_judge(examples: list[tuple[str, str, str]], *, steps: int = 1500, batc
 
 def judge_accuracy(judge: ShapeJudge, examples: list[tuple[str, str, str]]) -> float:
     """Fraction of (image path, colour, shape) triples read back exactly."""
-    from PIL import Image
-
-    seen = judge.judge([Image.open(p) for p, _, _ in examples])
+    seen = judge.judge([p for p, _, _ in examples])
     return sum(s == (c, sh) for s, (_, c, sh) in zip(seen, examples)) / max(len(examples), 1)
 
 
