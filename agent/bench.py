@@ -145,6 +145,39 @@ def parallel_tools(work_dir: Path) -> dict:
             "ratio_to_slowest": round(wall / max(durations), 3), "ratio_to_sequential": round(wall / sum(durations), 3)}
 
 
+# --- task plans ----------------------------------------------------------------------------------
+
+
+class _Wait(BaseModel):
+    seconds: float
+    after: str = ""  # an earlier task's output, to make the dependency real
+
+
+def plan_waves() -> dict:
+    """4 independent slow tasks and 1 that uses the first one's output: wall time vs critical path."""
+    from langchain_core.tools import StructuredTool
+
+    from graphs.plan_runner import PlanRunner
+    from graphs.planner import validate_plan
+
+    def wait(seconds: float, after: str = "") -> dict:
+        time.sleep(seconds)
+        return {"waited": seconds, "after": after}
+
+    tool = StructuredTool.from_function(wait, name="wait", description="waits", args_schema=_Wait)
+    independent, dependent = [1.0, 1.0, 1.0, 1.0], 0.5
+    raw = [{"id": i, "tool": "wait", "args": {"seconds": s}, "deps": []} for i, s in enumerate(independent, 1)]
+    raw.append({"id": 5, "tool": "wait", "args": {"seconds": dependent, "after": "<task-1.waited>"}, "deps": [1]})
+    plan = validate_plan(raw, [tool])
+    critical = independent[0] + dependent  # the longest chain: task 1 then task 5
+    start = time.perf_counter()
+    results = PlanRunner([tool]).run(plan)
+    wall = time.perf_counter() - start
+    assert all(r.status == "ok" for r in results), [r.line() for r in results]
+    return {"tasks": len(results), "waves": plan.waves, "wall_s": round(wall, 3), "critical_path_s": critical,
+            "sequential_s": sum(independent) + dependent, "ratio_to_critical_path": round(wall / critical, 3)}
+
+
 def run(out: str, *, turns: int = 50, prompts: int = 120, only: list[str] | None = None) -> int:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +185,7 @@ def run(out: str, *, turns: int = 50, prompts: int = 120, only: list[str] | None
     results = {}
     jobs = {"parallel": lambda: parallel_tools(work), "overhead": lambda: controller_overhead(turns, work),
             "overhead-local": lambda: controller_overhead(max(turns // 5, 1), work, "local"),
-            "validity": lambda: tool_call_validity(prompts, work)}
+            "validity": lambda: tool_call_validity(prompts, work), "plan": plan_waves}
     for name, job in jobs.items():
         if only and name not in only:
             continue
@@ -176,6 +209,11 @@ def run(out: str, *, turns: int = 50, prompts: int = 120, only: list[str] | None
         r = results["parallel"]
         lines.append(f"| 4 slow tools in one step | {r['turn_s']} s | {r['slowest_s']} s slowest, {r['sum_s']} s sum | "
                      f"{r['ratio_to_slowest']}x slowest, {r['ratio_to_sequential']}x sequential |")
+    if "plan" in results:
+        r = results["plan"]
+        lines.append(f"| plan: 4 slow tasks + 1 dependent, {r['waves']} waves | {r['wall_s']} s | "
+                     f"{r['critical_path_s']} s critical path, {r['sequential_s']} s sequential | "
+                     f"{r['ratio_to_critical_path']}x critical path |")
     table = "\n".join(lines)
     (out_dir / "controller.md").write_text(table + "\n")
     (out_dir / "controller.json").write_text(json.dumps(results, indent=2))

@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print the reply, media and trace as JSON")
     ask.add_argument("--trace", action="store_true", help="show the routing decisions")
 
+    plan = commands.add_parser("plan", help="plan tasks over the tools for a request, check them, run them")
+    plan.add_argument("request")
+    for kind in ("image", "audio"):
+        plan.add_argument(f"--{kind}", action="append", metavar="PATH", help=f"attach {kind} (repeatable)")
+    plan.add_argument("--json", action="store_true", help="print the plan and each task's result as JSON")
+
     kb = commands.add_parser("kb", help="the knowledge base used for retrieval")
     kb_sub = kb.add_subparsers(dest="action", metavar="ACTION", required=True)
     kb_add = kb_sub.add_parser("add", help="ingest text, Markdown, PDF, audio and image files or folders")
@@ -66,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="results/bench")
     bench.add_argument("--turns", type=int, default=50, help="turns for the overhead figure")
     bench.add_argument("--prompts", type=int, default=120, help="prompts for the tool-call validity figure")
-    bench.add_argument("--only", action="append", choices=["overhead", "overhead-local", "validity", "parallel"])
+    bench.add_argument("--only", action="append",
+                       choices=["overhead", "overhead-local", "validity", "parallel", "plan"])
 
     models = commands.add_parser("models", help="list the active profile's models, or prepare them")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION")
@@ -118,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent.bench import run
 
             return run(args.out, turns=args.turns, prompts=args.prompts, only=args.only)
+        if args.command == "plan":
+            from agent.plan_commands import plan
+
+            return plan(args)
         if args.command == "demo":
             from agent.demo import run_demo
 
