@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from graphs.thinker import Thinker, prompts
 from models.errors import SignalgraphError
+from tools.expert_tools import tool_schemas
 
 PLAN_TOOL = "plan"
 MAX_TASKS = 8
@@ -142,8 +143,6 @@ def planner_prompt(tools: Sequence[dict]) -> str:
 
 def make_plan(thinker: Thinker, request: str, tools: Sequence, media: Sequence[dict] = ()) -> Plan:
     """Ask the backbone for a plan for `request` over these LangChain tools, and validate it."""
-    from tools.expert_tools import tool_schemas
-
     schemas = tool_schemas(tools)
     messages = [SystemMessage(content=planner_prompt(schemas)), HumanMessage(content=request)]
     result = thinker.think(messages, tools=[plan_tool(schemas)], passages=[], media=list(media), require_tool=True)
