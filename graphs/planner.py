@@ -86,7 +86,8 @@ def plan_schema(tools: Sequence[dict], max_tasks: int = MAX_TASKS) -> dict:
     task_id = {"type": "integer", "minimum": 1, "maximum": max_tasks}
     cases = [{
         "type": "object",
-        "properties": {"id": task_id, "tool": {"const": tool["name"]}, "args": _accepting_references(tool["parameters"], max_tasks),
+        "properties": {"id": task_id, "tool": {"const": tool["name"]},
+                       "args": _accepting_references(tool["parameters"], max_tasks),
                        "deps": {"type": "array", "items": task_id, "maxItems": max_tasks - 1}},
         "required": list(_TASK_KEYS),
         "additionalProperties": False,
@@ -132,7 +133,8 @@ def _accepting_references(parameters: dict, max_tasks: int) -> dict:
 
 
 def plan_tool(tools: Sequence[dict]) -> dict:
-    return {"name": PLAN_TOOL, "description": "write the tasks that answer the request", "parameters": plan_schema(tools)}
+    return {"name": PLAN_TOOL, "description": "write the tasks that answer the request",
+            "parameters": plan_schema(tools)}
 
 
 def planner_prompt(tools: Sequence[dict]) -> str:
