@@ -39,7 +39,7 @@ def plan(args) -> int:
                 print(json.dumps({"session": session, "request": args.request, "error": str(exc),
                                   "problems": exc.problems, "raw": exc.raw}, indent=2, default=str))
             else:
-                print(f"the backbone's plan: {json.dumps(exc.raw, default=str)}")
+                print(f"the backbone wrote: {json.dumps(exc.raw, default=str)}")
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if not args.json:

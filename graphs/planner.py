@@ -150,7 +150,9 @@ def make_plan(thinker: Thinker, request: str, tools: Sequence, media: Sequence[d
     result = thinker.think(messages, tools=[plan_tool(schemas)], passages=[], media=list(media), require_tool=True)
     call = next((c for c in result.tool_calls if c["name"] == PLAN_TOOL), None)
     if call is None:
-        why = "; ".join(result.malformed) or "it ran out of tokens before the plan was complete"
+        cut = "<tool_call>" in result.raw  # an unclosed call was cut off by the token limit
+        why = "; ".join(result.malformed) or ("it ran out of tokens before the plan was complete" if cut
+                                              else f"it wrote {result.text[:120]!r}")
         raise PlanError([f"the backbone wrote no plan ({why})"], raw=result.raw)
     return validate_plan(call["args"], tools)
 

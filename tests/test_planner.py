@@ -175,7 +175,7 @@ def test_make_plan_asks_for_one_plan_call_and_validates_it(expert_tools):
 
 def test_no_plan_written_is_a_plan_error(expert_tools):
     thinker = ScriptedThinker(ThinkResult("I would rather chat.", []))
-    with pytest.raises(PlanError, match="the backbone wrote no plan"):
+    with pytest.raises(PlanError, match="the backbone wrote no plan \\(it wrote 'I would rather chat.'\\)"):
         make_plan(thinker, "anything", expert_tools)
 
 
