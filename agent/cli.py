@@ -81,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--download", action="store_true",
                          help="fetch hub models that are not cached (needs network access to the hub)")
 
+    run = commands.add_parser("run", help="run a workflow file; every step is checkpointed, so a run resumes "
+                                          "after a crash (see `runs`)")
+    run.add_argument("workflow", nargs="?", help="workflow YAML (steps: tool calls, prompts, approvals)")
+    run.add_argument("--input", action="append", default=[], metavar="KEY=VALUE", help="a workflow input (repeatable)")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last completed step")
+    answer = run.add_mutually_exclusive_group()
+    answer.add_argument("--approve", action="store_true", help="with --resume: say yes to the approval it waits for")
+    answer.add_argument("--reject", action="store_true", help="with --resume: say no (the run stops)")
+
+    runs = commands.add_parser("runs", help="workflow runs with their state and step, or one run's step log")
+    runs.add_argument("run_id", nargs="?")
+    runs.add_argument("--json", action="store_true")
+
     demo = commands.add_parser("demo", help="a scripted tour through the controller on the active profile, offline")
     demo.add_argument("--out", default="results/demo", help="folder for the files the demo writes")
     demo.add_argument("--components", action="store_true", help="instead, run each model of the profile on its own")
@@ -129,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent.plan_commands import plan
 
             return plan(args)
+        if args.command in ("run", "runs"):
+            from agent import workflow_commands
+
+            return getattr(workflow_commands, args.command)(args)
         if args.command == "demo":
             from agent.demo import run_demo
 
