@@ -134,6 +134,17 @@ def test_a_bad_workflow_is_refused_naming_file_step_and_field(tmp_path, runner_f
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize("path", sorted((EXAMPLES / "workflows").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_workflows_are_valid(path, runner_for):
+    spec = load_workflow(path, schemas(runner_for()))
+    assert spec.steps and spec.outputs
+
+
+def test_the_shipped_workflows_include_an_approval():
+    texts = [p.read_text() for p in (EXAMPLES / "workflows").glob("*.yaml")]
+    assert len(texts) >= 3 and any("approval:" in text for text in texts)
+
+
 def test_a_tool_the_config_does_not_allow_is_named_as_such(tmp_path, runner_for):
     runner = runner_for()
     path = write(tmp_path, STEPS + "  - {name: say, tool: speak, args: {text: hi}}\n")
