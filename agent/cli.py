@@ -97,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a scripted tour through the controller on the active profile, offline")
     demo.add_argument("--out", default="results/demo", help="folder for the files the demo writes")
     demo.add_argument("--components", action="store_true", help="instead, run each model of the profile on its own")
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API and a web chat (at /)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API; "
+                                         "default $SIGNALGRAPH_API_KEY, else no key")
+    serve.add_argument("--queue", type=int, default=8, help="requests that may wait while one runs; more get 429")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
@@ -150,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent.demo import run_demo
 
             return run_demo(args.profile, args.out, components=args.components)
+        if args.command == "serve":
+            from agent.serve_commands import serve
+
+            return serve(args)
     except SignalgraphError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,187 @@
+"""The OpenAI chat-completions wire format, as far as Signalgraph speaks it, and its errors.
+
+Requests are validated here; responses are plain dicts built by `agent.server`. Fields OpenAI
+defines that change nothing here (temperature, top_p, ...) are accepted and ignored: decoding is
+greedy. Unknown fields are ignored too, so newer clients keep working.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.errors import SignalgraphError
+
+# what each status means in OpenAI's error format: (type, default code)
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+    413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+}
+
+AUDIO_SUFFIXES = {"wav": ".wav", "mp3": ".mp3", "flac": ".flac", "ogg": ".ogg", "opus": ".opus", "m4a": ".m4a",
+                  "aac": ".aac", "webm": ".webm"}
+IMAGE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/gif": ".gif",
+                  "image/webp": ".webp", "image/bmp": ".bmp", "image/tiff": ".tif"}
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.DOTALL)
+
+
+class ApiError(SignalgraphError):
+    """A request the API refuses, with the HTTP status and the field (`param`) that is wrong."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(_Wire):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(_Wire):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class InputAudio(_Wire):
+    data: str  # base64
+    format: Literal["wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm"]
+
+
+class AudioPart(_Wire):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+
+
+class FunctionCall(_Wire):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content if isinstance(p, TextPart))
+        return self.content or ""
+
+    def media_parts(self) -> list[ImagePart | AudioPart]:
+        return [p for p in self.content if not isinstance(p, TextPart)] if isinstance(self.content, list) else []
+
+
+class FunctionDef(_Wire):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Tool(_Wire):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Wire):
+    name: str
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatCompletionRequest(_Wire):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1  # one greedy answer; more would all be the same
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+
+
+def parse_request(data: Any) -> ChatCompletionRequest:
+    """A validated request, or ApiError: 400 when the body is not an object, 422 for bad fields."""
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = "; ".join(f"{_param(e['loc']) or 'body'}: {e['msg']}" for e in errors)
+        raise ApiError(422, f"invalid request: {problems}", param=_param(errors[0]["loc"]),
+                       code="invalid_value") from None
+
+
+def _param(loc: tuple) -> str:
+    """pydantic's error location as OpenAI names a parameter: messages[0].content."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("str", "list[tagged-union[TextPart,ImagePart,AudioPart]]", "NamedToolChoice") \
+                or part.startswith(("function-", "literal[")):
+            continue  # pydantic names the union member it tried; OpenAI names only the field
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def decode_image_url(url: str, param: str) -> tuple[bytes, str]:
+    """(bytes, suffix) of an image given as a data URL; this server fetches nothing from the web."""
+    found = _DATA_URL.match(url)
+    if found is None:
+        raise ApiError(400, f"{param}: images must be inline data URLs (data:image/png;base64,...); "
+                            "this server does not fetch URLs", param=param, code="invalid_image_url")
+    mime = (found["mime"] or "").lower()
+    if mime not in IMAGE_SUFFIXES:
+        raise ApiError(400, f"{param}: unsupported image type {mime or '(none)'!r}; use one of "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))}", param=param, code="invalid_image_format")
+    return decode_base64(found["data"], param), IMAGE_SUFFIXES[mime]
+
+
+def decode_base64(data: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{param}: the data is not valid base64", param=param, code="invalid_base64") from None

@@ -1,0 +1,31 @@
+"""`signalgraph serve`: the OpenAI-compatible API and the web chat on one uvicorn server."""
+
+from __future__ import annotations
+
+import os
+
+from agent.config import load_config
+from agent.runtime import Runtime
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from agent.server import create_app
+
+    config = load_config(args.config)
+    if args.profile:
+        config.profile = args.profile
+    key = args.api_key or os.environ.get("SIGNALGRAPH_API_KEY") or None
+    runtime = Runtime(config)
+    try:
+        print(f"loading the {runtime.profile.name} profile's backbone…", flush=True)
+        runtime.controller  # the first request should not wait for the model to load
+        app = create_app(runtime, api_key=key, queue_size=args.queue)
+        where = f"http://{args.host}:{args.port}/"
+        print(f"serving signalgraph-{runtime.profile.name}: web chat at {where}, OpenAI API at {where}v1"
+              + (" (bearer token required)" if key else ""), flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        runtime.close()
+    return 0

@@ -1,0 +1,362 @@
+"""The HTTP API as its clients meet it: the official `openai` client against a real uvicorn server
+on 127.0.0.1, over the tiny profile.
+
+The contract tests run the real tiny backbone. Tests about media routing, errors and the queue use
+the project's ScriptedThinker (graphs/scripted.py) so the backbone writes a known tool call; the
+tools, media store, controller and server are the real ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile
+import uvicorn
+from PIL import Image
+
+from agent.config import AgentConfig
+from agent.runtime import Runtime
+from agent.server import create_app
+from graphs.scripted import ScriptedThinker
+from graphs.thinker import ThinkResult
+from models.specs import MediaLimits
+
+MODEL = "signalgraph-tiny"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"]}}}
+
+
+@contextmanager
+def running(app):
+    """The app on a free loopback port, in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def runtime(tmp_path, profile, thinker=None) -> Runtime:
+    return Runtime(AgentConfig(data_dir=tmp_path / "data", allowed_dirs=[tmp_path]), profile, thinker=thinker)
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def png_data_url(size: int = 16, colour=(200, 30, 30)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def wav_base64(seconds: float = 0.5) -> str:
+    buffer = io.BytesIO()
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    soundfile.write(buffer, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16_000, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def call(name: str, **args) -> dict:
+    return {"id": f"call-{name}", "name": name, "args": args}
+
+
+# --- the real tiny backbone ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_url(tmp_path_factory, tiny_profile):
+    with running(create_app(runtime(tmp_path_factory.mktemp("model"), tiny_profile))) as url:
+        yield url
+
+
+def test_models_lists_the_profile_model(model_url):
+    api = client(model_url)
+    assert [m.id for m in api.models.list()] == [MODEL]
+    assert api.models.retrieve(MODEL).owned_by == "signalgraph"
+
+
+def test_a_completion_is_one_controller_turn_with_its_trace(model_url):
+    raw = client(model_url).chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello there"}])
+    completion = raw.parse()
+    session = raw.headers["x-session-id"]
+    choice = completion.choices[0]
+    assert completion.object == "chat.completion" and completion.model == MODEL
+    assert choice.message.role == "assistant" and choice.message.content and choice.finish_reason == "stop"
+    extension = completion.model_extra["signalgraph"]
+    assert extension["session"] == session
+    assert [e["step"] for e in extension["trace"]][:3] == ["ingest", "retrieve", "think"]
+
+
+def test_streaming_gives_the_same_reply_in_chunks(model_url):
+    api = client(model_url)
+    whole = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}])
+    chunks = list(api.chat.completions.create(model=MODEL, stream=True,
+                                              messages=[{"role": "user", "content": "Name a colour."}]))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == whole.choices[0].message.content
+    assert chunks[-1].model_extra["signalgraph"]["trace"][0]["step"] == "ingest"
+
+
+def test_a_session_header_or_user_field_keeps_the_history(model_url):
+    api = client(model_url)
+    for text in ("first", "second"):
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
+                                    extra_headers={"X-Session-Id": "kept"})
+    api.chat.completions.create(model=MODEL, user="kept", messages=[{"role": "user", "content": "third"}])
+    turns = httpx.get(f"{model_url}/v1/sessions/kept").json()["turns"]
+    assert [t["user"] for t in turns] == ["first", "second", "third"]
+    assert all(t["trace"][0]["step"] == "ingest" for t in turns)
+
+
+def test_a_new_session_starts_from_the_messages_the_request_carries(model_url):
+    raw = client(model_url).chat.completions.with_raw_response.create(model=MODEL, messages=[
+        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada."},
+        {"role": "user", "content": "What is my name?"}])
+    turns = httpx.get(f"{model_url}/v1/sessions/{raw.headers['x-session-id']}").json()["turns"]
+    assert [(t["user"], bool(t["trace"])) for t in turns] == [("My name is Ada.", False), ("What is my name?", True)]
+    assert turns[0]["assistant"] == "Hello Ada."
+
+
+def test_caller_tools_come_back_as_tool_calls_not_run(model_url):
+    completion = client(model_url).chat.completions.create(
+        model=MODEL, max_tokens=200, tools=[WEATHER], tool_choice="required",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (tool_call,) = choice.message.tool_calls
+    assert tool_call.type == "function" and tool_call.function.name == "get_weather"
+    assert set(json.loads(tool_call.function.arguments)) == {"city"}  # decoded under the tool's schema
+
+
+def test_caller_tools_stream_and_take_the_results_back(model_url):
+    api = client(model_url)
+    chunks = list(api.chat.completions.create(
+        model=MODEL, max_tokens=200, stream=True, tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=[{"role": "user", "content": "Weather?"}]))
+    calls = [c for chunk in chunks for c in chunk.choices[0].delta.tool_calls or []]
+    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].id
+    assert chunks[-1].choices[0].finish_reason == "tool_calls" and chunks[-1].usage.completion_tokens > 0
+    answer = api.chat.completions.create(model=MODEL, max_tokens=8, tools=[WEATHER], messages=[
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": calls[0].id, "type": "function", "function": {"name": "get_weather",
+                                                                 "arguments": calls[0].function.arguments}}]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny, 21 C"}])
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+# --- media, errors and limits: a scripted backbone ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory, tiny_profile):
+    thinker = ScriptedThinker()
+    profile = tiny_profile.model_copy(update={"limits": MediaLimits(max_bytes=200_000, max_image_pixels=64 * 64)})
+    app = create_app(runtime(tmp_path_factory.mktemp("scripted"), profile, thinker))
+    with running(app) as url:
+        yield url, thinker
+
+
+def test_an_image_and_audio_go_in_and_a_generated_image_comes_back_as_a_url(scripted):
+    url, thinker = scripted
+    thinker.script += [ThinkResult("", [call("generate_image", prompt="a red square")]),
+                       ThinkResult("Here is a red square.")]
+    completion = client(url).chat.completions.create(model=MODEL, user="pictures", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Draw this again."},
+        {"type": "image_url", "image_url": {"url": png_data_url()}},
+        {"type": "input_audio", "input_audio": {"data": wav_base64(), "format": "wav"}}]}])
+    assert [(m["id"], m["kind"]) for m in thinker.seen[-2]["media"]] == [("image-1", "image"), ("audio-1", "audio")]
+    message = completion.choices[0].message
+    (item,) = message.model_extra["media"]
+    assert item["kind"] == "image" and item["url"] == f"{url}/v1/media/pictures/{item['id']}"
+    assert message.content.startswith("Here is a red square.") and f"![{item['id']}]({item['url']})" in message.content
+    response = httpx.get(item["url"])
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size[0] > 0
+
+
+def test_a_generated_image_streams_as_a_link_and_a_media_list(scripted):
+    url, thinker = scripted
+    thinker.script += [ThinkResult("", [call("generate_image", prompt="a blue circle")]), ThinkResult("Done.")]
+    chunks = list(client(url).chat.completions.create(model=MODEL, stream=True, user="stream-pictures",
+                                                      messages=[{"role": "user", "content": "Draw a circle"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    (item,) = chunks[-1].model_extra["signalgraph"]["media"]
+    assert text == f"Done.\n\n![{item['id']}]({item['url']})"
+    assert httpx.get(item["url"]).status_code == 200
+
+
+def test_malformed_bodies_are_400(scripted):
+    url, _ = scripted
+    for body in ("{not json", "[1, 2]"):
+        response = httpx.post(f"{url}/v1/chat/completions", content=body)
+        assert response.status_code == 400
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert caught.value.body["param"] == "messages[0].content[0]" and "data URL" in caught.value.message
+    with pytest.raises(openai.BadRequestError, match="does not decode|cannot|corrupt|not"):
+        client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}}]}])
+
+
+def test_invalid_fields_are_422_naming_the_field(scripted):
+    url, _ = scripted
+    api = client(url)
+    cases = [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+             ({"n": 3, "messages": [{"role": "user", "content": "hi"}]}, "n"),
+             ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0].role"),
+             ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}},
+               "messages": [{"role": "user", "content": "hi"}]}, "tool_choice")]
+    for fields, param in cases:
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            api.chat.completions.create(model=MODEL, **fields)
+        assert caught.value.status_code == 422 and caught.value.body["param"] == param, fields
+
+
+def test_unknown_models_media_and_routes_are_404(scripted):
+    url, _ = scripted
+    with pytest.raises(openai.NotFoundError) as caught:
+        client(url).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["code"] == "model_not_found" and MODEL in caught.value.message
+    with pytest.raises(openai.NotFoundError):
+        client(url).models.retrieve("gpt-4o")
+    response = httpx.get(f"{url}/v1/media/nobody/image-7")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "media_not_found"
+    assert httpx.get(f"{url}/v1/nothing").json()["error"]["code"] == "not_found"
+
+
+def test_requests_and_media_over_the_limits_are_413(scripted):
+    url, thinker = scripted
+    api = client(url)
+    huge = "x" * 2_000_000  # the body limit is 200 kB of media, base64-encoded, plus 1 MiB
+    with pytest.raises(openai.APIStatusError) as caught:
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": huge}])
+    assert caught.value.status_code == 413 and caught.value.body["code"] == "request_too_large"
+    with pytest.raises(openai.APIStatusError) as caught:  # 100 x 100 pixels; the profile allows 64 x 64
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_data_url(100)}}]}])
+    assert caught.value.status_code == 413 and caught.value.body["param"] == "messages[0].content[0]"
+    noise = base64.b64encode(os.urandom(300_000)).decode()  # under the body limit, over the media limit
+    with pytest.raises(openai.APIStatusError) as caught:
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": noise, "format": "wav"}}]}])
+    assert caught.value.status_code == 413 and caught.value.body["code"] == "media_too_large"
+    assert thinker.script == []
+
+
+def test_a_real_fault_is_500_with_its_cause(scripted):
+    url, thinker = scripted
+    assert thinker.script == []  # the scripted backbone has nothing left to say: an IndexError inside the turn
+    with pytest.raises(openai.InternalServerError) as caught:
+        client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["type"] == "server_error" and "IndexError" in caught.value.message
+    stream = client(url).chat.completions.create(model=MODEL, stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.APIError, match="IndexError"):
+        list(stream)
+
+
+# --- auth and the queue -------------------------------------------------------------------------
+
+def test_a_bearer_token_guards_the_api_but_not_the_page(tmp_path, tiny_profile):
+    thinker = ScriptedThinker(ThinkResult("hello"))
+    with running(create_app(runtime(tmp_path, tiny_profile, thinker), api_key="s3cret")) as url:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client(url, "wrong").models.list()
+        assert caught.value.body["code"] == "invalid_api_key"
+        response = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": []})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
+        assert httpx.get(f"{url}/v1/media/s/image-1").status_code == 401
+        reply = client(url, "s3cret").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "hello"
+        assert httpx.get(f"{url}/").status_code == 200 and "chat.js" in httpx.get(f"{url}/").text
+
+
+class GatedThinker(ScriptedThinker):
+    """Waits for the test to open the gate: the test is about the queue, not the model."""
+
+    def __init__(self, *script):
+        super().__init__(*script)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def think(self, *args, **kwargs):
+        self.entered.set()
+        self.gate.wait(timeout=60)
+        return super().think(*args, **kwargs)
+
+
+def test_a_full_queue_is_429(tmp_path, tiny_profile):
+    thinker = GatedThinker(ThinkResult("first"), ThinkResult("third"))
+    with running(create_app(runtime(tmp_path, tiny_profile, thinker), queue_size=0)) as url:
+        api = client(url)
+        replies = []
+        first = threading.Thread(target=lambda: replies.append(api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "one"}])))
+        first.start()
+        assert thinker.entered.wait(timeout=30)
+        with pytest.raises(openai.RateLimitError) as caught:
+            api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "two"}])
+        assert caught.value.body["code"] == "queue_full"
+        thinker.gate.set()
+        first.join(timeout=30)
+        assert replies[0].choices[0].message.content == "first"
+        later = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "three"}])
+        assert later.choices[0].message.content == "third"
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+def test_signalgraph_serve_listens_on_loopback_with_a_key_from_the_environment(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "signalgraph.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    env = dict(os.environ, SIGNALGRAPH_API_KEY="from-env")
+    process = subprocess.Popen([sys.executable, "-m", "agent.cli", "--profile", "tiny", "--config", str(config),
+                                "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "signalgraph serve did not come up"
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/v1/models",
+                                     headers={"Authorization": "Bearer from-env"})
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert response.json()["data"][0]["id"] == MODEL
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}/" in output and "Traceback" not in output
