@@ -26,6 +26,7 @@ AUDIO_SUFFIXES = {"wav": ".wav", "mp3": ".mp3", "flac": ".flac", "ogg": ".ogg", 
                   "aac": ".aac", "webm": ".webm"}
 IMAGE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/gif": ".gif",
                   "image/webp": ".webp", "image/bmp": ".bmp", "image/tiff": ".tif"}
+_PART_TAGS = {"text", "image_url", "input_audio"}
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.DOTALL)
 
 
@@ -100,8 +101,11 @@ class Message(_Wire):
             return "".join(p.text for p in self.content if isinstance(p, TextPart))
         return self.content or ""
 
-    def media_parts(self) -> list[ImagePart | AudioPart]:
-        return [p for p in self.content if not isinstance(p, TextPart)] if isinstance(self.content, list) else []
+    def media_parts(self) -> list[tuple[int, ImagePart | AudioPart]]:
+        """(position in content, part) of each image and audio part."""
+        if not isinstance(self.content, list):
+            return []
+        return [(i, p) for i, p in enumerate(self.content) if not isinstance(p, TextPart)]
 
 
 class FunctionDef(_Wire):
@@ -149,21 +153,23 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     except ValidationError as exc:
         errors = exc.errors()
         problems = "; ".join(f"{_param(e['loc']) or 'body'}: {e['msg']}" for e in errors)
-        raise ApiError(422, f"invalid request: {problems}", param=_param(errors[0]["loc"]),
+        deepest = max(errors, key=lambda e: len(e["loc"]))  # of a union's attempts, the most specific
+        raise ApiError(422, f"invalid request: {problems}", param=_param(deepest["loc"]),
                        code="invalid_value") from None
 
 
 def _param(loc: tuple) -> str:
-    """pydantic's error location as OpenAI names a parameter: messages[0].content."""
-    text = ""
+    """pydantic's error location as OpenAI names a parameter: messages[0].content[1].image_url.url.
+    pydantic also names the union member it tried (`str`, `list[...]`, a class, a content part's
+    tag); OpenAI names only fields and indexes."""
+    text, previous = "", None
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("str", "list[tagged-union[TextPart,ImagePart,AudioPart]]", "NamedToolChoice") \
-                or part.startswith(("function-", "literal[")):
-            continue  # pydantic names the union member it tried; OpenAI names only the field
-        else:
-            text += f".{part}" if text else str(part)
+        elif part.isidentifier() and not part[0].isupper() and part != "str" \
+                and not (isinstance(previous, int) and part in _PART_TAGS):
+            text += f".{part}" if text else part
+        previous = part
     return text
 
 

@@ -245,14 +245,13 @@ def _prepare_turn(runtime: Runtime, req: ChatCompletionRequest, session: str, up
     if last.role != "user":
         raise ApiError(422, f"the last message must be the user's (it is {last.role!r}); without tools, "
                             "each request is one user turn", param=f"messages[{index}].role", code="invalid_value")
-    attachments = []
-    for j, part in enumerate(last.media_parts()):
-        attachments.append(_upload(runtime, session, part, f"messages[{index}].content[{j}]", uploads))
-    if not last.text().strip() and not attachments:
-        raise ApiError(422, "the user's message is empty", param=f"messages[{index}].content", code="invalid_value")
     if req.tool_choice is not None and not isinstance(req.tool_choice, str):
         raise ApiError(422, "tool_choice names a tool, but the request has no tools", param="tool_choice",
                        code="invalid_value")
+    attachments = [_upload(runtime, session, part, f"messages[{index}].content[{j}]", uploads)
+                   for j, part in last.media_parts()]
+    if not last.text().strip() and not attachments:
+        raise ApiError(422, "the user's message is empty", param=f"messages[{index}].content", code="invalid_value")
     return {"text": last.text(), "attachments": attachments, "history": req.messages[:-1],
             "tools": [] if req.tool_choice == "none" else None, "require_tool": req.tool_choice == "required"}
 
@@ -307,8 +306,13 @@ def _controller_job(runtime: Runtime, req: ChatCompletionRequest, session: str, 
         controller = runtime.controller
         _seed(controller, session, prepared["history"])
         streamed: list[str] = []
-        stream = None if on_text is None else (lambda text: (streamed.append(text), on_text(text)))
-        result = controller.turn(session, prepared["text"], prepared["attachments"], on_text=stream,
+
+        def stream(text: str) -> None:
+            streamed.append(text)
+            on_text(text)
+
+        result = controller.turn(session, prepared["text"], prepared["attachments"],
+                                 on_text=None if on_text is None else stream,
                                  tools=prepared["tools"], require_tool=prepared["require_tool"])
         # the reply may not have been streamed (the controller's own words when the model said
         # nothing, or a generator's failure note): send it at the end

@@ -219,11 +219,17 @@ def test_malformed_bodies_are_400(scripted):
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(openai.BadRequestError) as caught:
         client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
-    assert caught.value.body["param"] == "messages[0].content[0]" and "data URL" in caught.value.message
-    with pytest.raises(openai.BadRequestError, match="does not decode|cannot|corrupt|not"):
+    assert caught.value.body["param"] == "messages[0].content[1]" and "data URL" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
         client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}}]}])
+    assert caught.value.body["code"] == "invalid_media"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}]}])
+    assert caught.value.body["code"] == "invalid_base64"
 
 
 def test_invalid_fields_are_422_naming_the_field(scripted):
@@ -232,6 +238,8 @@ def test_invalid_fields_are_422_naming_the_field(scripted):
     cases = [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
              ({"n": 3, "messages": [{"role": "user", "content": "hi"}]}, "n"),
              ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0].role"),
+             ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+              "messages[0].content[0].image_url.url"),
              ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}},
                "messages": [{"role": "user", "content": "hi"}]}, "tool_choice")]
     for fields, param in cases:
