@@ -33,6 +33,20 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def _paths_from(data: dict, folder: Path) -> dict:
+    """Relative paths in a profile are relative to the file that writes them (as `extends` is), so
+    a profile that extends another keeps pointing at the other's files: `projector_weights`, and
+    component sources written as ./ or ../ paths (a bare `org/name` is a hub id)."""
+    weights = data.get("projector_weights")
+    if isinstance(weights, str) and not Path(weights).expanduser().is_absolute():
+        data["projector_weights"] = os.path.normpath(folder / weights)
+    for value in data.values():
+        source = value.get("source") if isinstance(value, dict) else None
+        if isinstance(source, str) and source.startswith(("./", "../")):
+            value["source"] = os.path.normpath(folder / source)
+    return data
+
+
 def _read(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, Path]:
     path = Path(name_or_path).expanduser()
     if not path.suffix:
@@ -42,9 +56,11 @@ def _read(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[dict, Path]:
                               f"{', '.join(profile_names())}, or give a path to a YAML file")
     if str(path) in seen:
         raise ConfigError(f"profile {path} extends itself through {' -> '.join(seen)}")
-    data = read_mapping(path, "profile: component specs")
+    data = _paths_from(read_mapping(path, "profile: component specs"), path.parent)
     parent = data.pop("extends", None)
     if parent:
+        if Path(str(parent)).suffix and not Path(str(parent)).expanduser().is_absolute():
+            parent = os.path.normpath(path.parent / str(parent))
         base, _ = _read(str(parent), (*seen, str(path)))
         data = _merge(base, data)
     return data, path
@@ -55,9 +71,6 @@ def load_profile(name_or_path: str | None = None) -> ProfileSpec:
     name_or_path = name_or_path or os.environ.get("SIGNALGRAPH_PROFILE") or DEFAULT_PROFILE
     data, path = _read(name_or_path)
     data.setdefault("name", path.stem)
-    weights = data.get("projector_weights")
-    if weights and not Path(weights).expanduser().is_absolute():
-        data["projector_weights"] = str(path.parent / weights)
     try:
         return ProfileSpec.model_validate(data)
     except ValidationError as exc:

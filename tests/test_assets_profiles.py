@@ -84,3 +84,17 @@ def test_full_profile_offline_names_every_missing_model():
         check_ready(load_profile("full"))
     for source in ("Qwen/Qwen2.5-7B-Instruct", "openai/clip-vit-large-patch14", "cvssp/audioldm2"):
         assert source in str(info.value)
+
+
+def test_relative_paths_in_a_profile_are_taken_from_the_file_that_writes_them(tmp_path):
+    from models.profiles import load_profile
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "base" / "base.yaml").write_text(
+        "extends: tiny\nprojector_weights: trained/w.safetensors\n"
+        "image_generator: {source: ./trained/generator}\n")
+    (tmp_path / "mine" / "mine.yaml").write_text("extends: ../base/base.yaml\n")
+    profile = load_profile(str(tmp_path / "mine" / "mine.yaml"))
+    assert profile.projector_weights == str(tmp_path / "base" / "trained" / "w.safetensors")
+    assert profile.image_generator.source == str(tmp_path / "base" / "trained" / "generator")
