@@ -314,3 +314,20 @@ def test_pt_throughput_measures_both_ways(mm, data, tmp_path):
     records = read_manifest(data["pt"])
     result = pt_throughput(mm, records, tmp_path / "cache", batch_size=4, batches=1)
     assert result.cached > 0 and result.encoder_in_loop > 0 and result.ratio > 0
+
+
+def test_length_grouped_batches_cover_each_example_once_and_pad_less():
+    from models.training.trainer import _Batches
+
+    lengths = [10 if i % 3 else 300 for i in range(200)]  # short VQA lines mixed with long tool prompts
+    grouped = list(_Batches(200, 8, seed=1, start=0, stop=25, lengths=lengths))
+    plain = list(_Batches(200, 8, seed=1, start=0, stop=25))
+    assert sorted(i for batch in grouped for i in batch) == list(range(200))
+    assert grouped == list(_Batches(200, 8, seed=1, start=0, stop=25, lengths=lengths))  # deterministic
+    resumed = list(_Batches(200, 8, seed=1, start=10, stop=25, lengths=lengths))
+    assert resumed == grouped[10:]
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert padded(grouped) < 0.6 * padded(plain)

@@ -76,6 +76,8 @@ class StageSpec(_Spec):
     eval_every: int | None = Field(None, ge=1)
     checkpoint_every: int | None = Field(500, ge=1)
     keep_checkpoints: int | None = Field(3, ge=1)
+    # batches of similar length (data that mixes short and long conversations pads far less)
+    group_by_length: bool = False
     # DataLoader workers; only useful with cached features (live encoding stays in the main process)
     loader_workers: int = Field(0, ge=0)
 

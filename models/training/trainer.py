@@ -101,22 +101,40 @@ class _Batches(torch.utils.data.Sampler):
     where the interrupted one stopped (no RNG draws, no skipped-batch bookkeeping).
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int,
+                 lengths: list[int] | None = None):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start, self.stop = start, stop
+        self.lengths = lengths
         self.per_epoch = math.ceil(size / batch_size)
-        self._order: tuple[int, list[int]] | None = None
+        self._order: tuple[int, list[list[int]]] | None = None
 
-    def _epoch(self, epoch: int) -> list[int]:
+    def _epoch(self, epoch: int) -> list[list[int]]:
         if self._order is None or self._order[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = (epoch, torch.randperm(self.size, generator=g).tolist())
+            order = torch.randperm(self.size, generator=g).tolist()
+            if self.lengths is None:
+                batches = [order[i:i + self.batch_size] for i in range(0, self.size, self.batch_size)]
+            else:
+                batches = self._grouped(order, g)
+            self._order = (epoch, batches)
         return self._order[1]
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[list[int]]:
+        """Batches of similar length, so a batch pads to little more than its own examples (a mix of
+        short VQA answers and long tool prompts otherwise pads every batch to the longest). Within a
+        shuffled window of 32 batches the examples are sorted by length; the batches are shuffled again."""
+        window = self.batch_size * 32
+        batches = []
+        for i in range(0, self.size, window):
+            chunk = sorted(order[i:i + window], key=lambda j: self.lengths[j], reverse=True)
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def __iter__(self):
         for b in range(self.start, self.stop):
             epoch, k = divmod(b, self.per_epoch)
-            yield self._epoch(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+            yield self._epoch(epoch)[k]
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -364,7 +382,9 @@ def run_stage(mm, stage: StageSpec, stage_dir: str | Path, *, records: list[Reco
     elif main:
         (stage_dir / LOG).write_text("")
 
-    sampler = _Batches(len(dataset), stage.batch_size, stage.seed, start * ga * processes, total * ga * processes)
+    lengths = [record.approximate_length() for record in records] if stage.group_by_length else None
+    sampler = _Batches(len(dataset), stage.batch_size, stage.seed, start * ga * processes, total * ga * processes,
+                       lengths)
     # its own generator: creating the iterator draws a seed, which must not shift the global RNG
     # (dropout) between a resumed run and an uninterrupted one
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -531,6 +551,12 @@ def _stage_profile(profile, weights: Path | None, backbone_dir: Path | None, bac
     return profile.model_copy(update=update)
 
 
+def _extends(profile: str) -> str:
+    """A shipped profile's name, or a profile file's absolute path (a relative `extends` is read
+    from the folder of the file that writes it)."""
+    return str(Path(profile).expanduser().resolve()) if Path(profile).suffix else profile
+
+
 def train(config: TrainConfig | str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True) -> TrainResult:
     """Run the config's stages in order; each starts from the previous one's trained weights."""
@@ -582,7 +608,7 @@ def train(config: TrainConfig | str | Path, *, resume: bool = False, overwrite: 
     shutil.copyfile(weights, final)
     profile_file = out / "profile.yaml"
     lines = [f"# written by signalgraph train: the {profile.name!r} profile with the trained weights",
-             f"extends: {json.dumps(config.profile)}", f"projector_weights: {WEIGHTS}"]
+             f"extends: {json.dumps(_extends(config.profile))}", f"projector_weights: {WEIGHTS}"]
     if backbone_dir is not None:
         lines.append(f"backbone: {{source: {json.dumps(str(backbone_dir))}}}")
     profile_file.write_text("\n".join(lines) + "\n")
