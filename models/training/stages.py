@@ -114,7 +114,7 @@ class StageSpec(_Spec):
 class TrainConfig(_Spec):
     """A training run: a profile, its stages in order, and where the results go."""
 
-    profile: str = "local"
+    profile: str = "local-untrained"  # where training starts: the local models, nothing trained
     stages: list[StageSpec]
     out_dir: str
     # frozen-encoder features and generator text conditioning; default out_dir/feature-cache
