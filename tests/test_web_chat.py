@@ -14,7 +14,9 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
+import soundfile
 import uvicorn
 from PIL import Image
 
@@ -47,33 +49,50 @@ def running(app):
         thread.join(timeout=10)
 
 
-def test_upload_ask_and_see_the_answer_with_a_generated_image(tmp_path, tiny_profile):
-    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").sync_playwright
-    photo = tmp_path / "photo.png"
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield browser
+        browser.close()
+
+
+def draw(*calls: str) -> ScriptedThinker:
+    """A backbone that calls the given generators one step after another (audio kept short: the tiny
+    AudioLDM-2 is slow on a CPU), then says so."""
+    args = {"generate_image": {"prompt": "a blue square"}, "generate_audio": {"prompt": "a beep", "seconds": 0.5}}
+    return ScriptedThinker(*[ThinkResult("", [{"id": f"call-{name}", "name": name, "args": args[name]}])
+                             for name in calls], ThinkResult("Here is a new blue square."))
+
+
+def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profile, browser):
+    photo, memo = tmp_path / "photo.png", tmp_path / "memo.wav"
     Image.new("RGB", (32, 32), (30, 90, 200)).save(photo)
-    thinker = ScriptedThinker(ThinkResult("", [{"id": "call-1", "name": "generate_image",
-                                                "args": {"prompt": "a blue square"}}]),
-                              ThinkResult("Here is a new blue square."))
+    soundfile.write(memo, np.zeros(8000, dtype=np.float32), 16_000)
+    thinker = draw("generate_image", "generate_audio")
     runtime = Runtime(AgentConfig(data_dir=tmp_path / "data", allowed_dirs=[tmp_path]), tiny_profile,
                       thinker=thinker)
-    with running(create_app(runtime)) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        page = browser.new_page(viewport={"width": 900, "height": 700})
+    with running(create_app(runtime)) as url:
+        page = browser.new_page(viewport={"width": 900, "height": 760})
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(url)
         page.wait_for_selector("#meta:has-text('signalgraph-tiny')")
 
-        page.set_input_files("#file", str(photo))
+        page.set_input_files("#file", [str(photo), str(memo)])
         page.fill("#input", "What is in this photo? Draw another one.")
         page.click("#send")
-        reply = page.wait_for_selector(".msg.assistant.done", timeout=120_000)
+        reply = page.wait_for_selector(".msg.assistant.done", timeout=180_000)
 
-        assert reply.query_selector(".text").inner_text() == "Here is a new blue square."  # links became images
+        assert reply.query_selector(".text").inner_text() == "Here is a new blue square."  # links became media
         image = reply.query_selector("img.generated")
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image)
-        assert page.query_selector(".msg.user img") is not None  # the upload is shown with the question
-        assert [m["kind"] for m in thinker.seen[0]["media"]] == ["image"]  # and it reached the backbone
+        sound = reply.query_selector("audio.generated")
+        assert sound is not None, reply.query_selector(".trace").text_content()
+        page.wait_for_function("audio => audio.readyState >= 1 && audio.duration > 0", arg=sound)
+        assert page.query_selector(".msg.user img") and page.query_selector(".msg.user audio")  # uploads shown
+        assert [m["kind"] for m in thinker.seen[0]["media"]] == ["image", "audio"]  # and given to the backbone
 
         trace = reply.query_selector(".trace")
         assert not trace.is_visible()
@@ -89,5 +108,27 @@ def test_upload_ask_and_see_the_answer_with_a_generated_image(tmp_path, tiny_pro
         assert page.evaluate("localStorage.getItem('signalgraph.session')") == session
         assert "Here is a new blue square." in page.inner_text("#log")
         assert errors == []
-        browser.close()
+        page.close()
+    runtime.close()
+
+
+def test_the_page_asks_for_the_api_key_once_and_sends_it_for_media_too(tmp_path, tiny_profile, browser):
+    runtime = Runtime(AgentConfig(data_dir=tmp_path / "data", allowed_dirs=[tmp_path]), tiny_profile,
+                      thinker=draw("generate_image"))
+    with running(create_app(runtime, api_key="s3cret")) as url:
+        page = browser.new_page()
+        asked: list[str] = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("s3cret")))
+        page.goto(url)
+        page.wait_for_selector("#meta:has-text('signalgraph-tiny')")
+        page.fill("#input", "Draw a blue square.")
+        page.press("#input", "Enter")
+        reply = page.wait_for_selector(".msg.assistant.done", timeout=120_000)
+        image = reply.query_selector("img.generated")
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image)
+        assert image.get_attribute("src").startswith("blob:")  # fetched with the key, not linked
+        page.reload()
+        page.wait_for_selector(".msg.assistant img.generated")
+        assert len(asked) == 1 and "API key" in asked[0]
+        page.close()
     runtime.close()
