@@ -20,7 +20,6 @@ def serve(args) -> int:
     runtime = Runtime(config)
     try:
         print(f"loading the {runtime.profile.name} profile's backbone…", flush=True)
-        runtime.controller  # the first request should not wait for the model to load
         app = create_app(runtime, api_key=key, queue_size=args.queue)
         where = f"http://{args.host}:{args.port}/"
         print(f"serving signalgraph-{runtime.profile.name}: web chat at {where}, OpenAI API at {where}v1"

@@ -92,6 +92,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
     model_id = f"signalgraph-{runtime.profile.name}"
     created = int(time.time())
     queue = TurnQueue(queue_size)
+    runtime.controller  # built now, once: requests on several threads must not race to build it
     uploads = runtime.data_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
     # uploaded files are attached by path like any other, so the store must be allowed to read them
