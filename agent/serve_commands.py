@@ -24,6 +24,9 @@ def serve(args) -> int:
         where = f"http://{args.host}:{args.port}/"
         print(f"serving signalgraph-{runtime.profile.name}: web chat at {where}, OpenAI API at {where}v1"
               + (" (bearer token required)" if key else ""), flush=True)
+        if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: listening on {args.host} without an API key; anyone who can reach this port can "
+                  "use the agent (set --api-key or $SIGNALGRAPH_API_KEY)", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         runtime.close()

@@ -51,7 +51,7 @@ from agent.api_schemas import (
     error_body,
     parse_request,
 )
-from agent.runtime import Runtime
+from agent.runtime import KB_SESSION, Runtime
 from models.errors import AssetError, MediaError, MediaTooLargeError, SignalgraphError
 
 WEB = Path(__file__).with_name("web")
@@ -101,9 +101,6 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
 
     app = FastAPI(title="Signalgraph", summary="OpenAI-compatible API over the Signalgraph agent",
                   docs_url="/docs", redoc_url=None)
-    app.state.runtime = runtime
-    app.state.queue = queue
-
     @app.exception_handler(SignalgraphError)
     async def _user_error(request: Request, exc: SignalgraphError):
         status, message = _status(exc)
@@ -191,7 +188,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
         else:
             session = _session(request, req)
             prepared = await run_in_threadpool(_prepare_turn, runtime, req, session, uploads)
-            job = _controller_job(runtime, req, session, prepared, lambda m: _media_item(request, session, m))
+            job = _controller_job(runtime, session, prepared, lambda m: _media_item(request, session, m))
             headers = {SESSION_HEADER: session}
         if not req.stream:
             future = queue.submit(lambda: job(None))
@@ -231,10 +228,13 @@ def _check_model(name: str, model_id: str) -> None:
 
 def _session(request: Request, req: ChatCompletionRequest) -> str:
     session = request.headers.get(SESSION_HEADER) or req.user or f"api-{uuid.uuid4().hex[:16]}"
+    param = SESSION_HEADER if request.headers.get(SESSION_HEADER) else "user"
     if len(session) > 128 or not session.isprintable() or "/" in session:
-        raise ApiError(422, "a session id must be at most 128 printable characters without '/'",
-                       param="user" if not request.headers.get(SESSION_HEADER) else SESSION_HEADER,
+        raise ApiError(422, "a session id must be at most 128 printable characters without '/'", param=param,
                        code="invalid_session")
+    if session == KB_SESSION:
+        raise ApiError(422, f"{session!r} holds the knowledge base's files; choose another session id",
+                       param=param, code="invalid_session")
     return session
 
 
@@ -301,8 +301,7 @@ def _seed(controller, session: str, history: list[Message]) -> None:
                                       as_node="respond")
 
 
-def _controller_job(runtime: Runtime, req: ChatCompletionRequest, session: str, prepared: dict,
-                    media_item: Callable[[str], dict]) -> Callable:
+def _controller_job(runtime: Runtime, session: str, prepared: dict, media_item: Callable[[str], dict]) -> Callable:
     def job(on_text: Callable[[str], None] | None) -> dict:
         controller = runtime.controller
         _seed(controller, session, prepared["history"])

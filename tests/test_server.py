@@ -241,7 +241,8 @@ def test_invalid_fields_are_422_naming_the_field(scripted):
              ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
               "messages[0].content[0].image_url.url"),
              ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}},
-               "messages": [{"role": "user", "content": "hi"}]}, "tool_choice")]
+               "messages": [{"role": "user", "content": "hi"}]}, "tool_choice"),
+             ({"user": "knowledge-base", "messages": [{"role": "user", "content": "hi"}]}, "user")]
     for fields, param in cases:
         with pytest.raises(openai.UnprocessableEntityError) as caught:
             api.chat.completions.create(model=MODEL, **fields)
