@@ -186,10 +186,11 @@ def test_an_image_and_audio_go_in_and_a_generated_image_comes_back_as_a_url(scri
     url, thinker = scripted
     thinker.script += [ThinkResult("", [call("generate_image", prompt="a red square")]),
                        ThinkResult("Here is a red square.")]
-    completion = client(url).chat.completions.create(model=MODEL, user="pictures", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "Draw this again."},
-        {"type": "image_url", "image_url": {"url": png_data_url()}},
-        {"type": "input_audio", "input_audio": {"data": wav_base64(), "format": "wav"}}]}])
+    content = [{"type": "text", "text": "Draw this again."},
+               {"type": "image_url", "image_url": {"url": png_data_url()}},
+               {"type": "input_audio", "input_audio": {"data": wav_base64(), "format": "wav"}}]
+    completion = client(url).chat.completions.create(model=MODEL, user="pictures",
+                                                     messages=[{"role": "user", "content": content}])
     assert [(m["id"], m["kind"]) for m in thinker.seen[-2]["media"]] == [("image-1", "image"), ("audio-1", "audio")]
     message = completion.choices[0].message
     (item,) = message.model_extra["media"]
