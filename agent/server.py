@@ -99,8 +99,9 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
     if uploads.resolve() not in runtime.store.allowed_dirs:
         runtime.store.allowed_dirs.append(uploads.resolve())
 
+    # no /docs: its page loads scripts from a CDN, which an offline machine cannot reach
     app = FastAPI(title="Signalgraph", summary="OpenAI-compatible API over the Signalgraph agent",
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)
     @app.exception_handler(SignalgraphError)
     async def _user_error(request: Request, exc: SignalgraphError):
         status, message = _status(exc)
