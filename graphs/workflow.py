@@ -81,7 +81,7 @@ class WorkflowRunner:
     """Starts, resumes and answers workflow runs; every step is checkpointed before the next.
 
     `tools_for(session)` gives a session's LangChain tools; `thinker()` gives the backbone's
-    thinker (called on a prompt step's first attempt, so a workflow of tools loads no LLM)."""
+    thinker, asked for only when a prompt step runs (a workflow of tools loads no LLM)."""
 
     def __init__(self, data_dir: Path, *, store, tools_for: Callable[[str], list], thinker: Callable[[], Thinker],
                  tool_timeout: float = 120.0):
