@@ -176,15 +176,12 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request):
         body = await _read_body(request, body_limit)
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-        req = parse_request(data)
+        # parsing and decoding media take a while for large bodies: off the event loop
+        req = await run_in_threadpool(_parse, body)
         _check_model(req.model, model_id)
         completion = _Completion(model_id)
         if req.tools and req.tool_choice != "none":
-            job = _caller_tools_job(runtime, req, model_id)
+            job = await run_in_threadpool(_caller_tools_job, runtime, req, model_id)
             headers = {}
         else:
             session = _session(request, req)
@@ -219,6 +216,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if size > limit:
         raise too_large
     return b"".join(chunks)
+
+
+def _parse(body: bytes) -> ChatCompletionRequest:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    return parse_request(data)
 
 
 def _check_model(name: str, model_id: str) -> None:
