@@ -6,9 +6,12 @@ import os
 
 from agent.config import load_config
 from agent.runtime import Runtime
+from models.errors import ConfigError
 
 
 def serve(args) -> int:
+    if args.queue < 0 or not 0 < args.port < 65536:
+        raise ConfigError(f"--queue must be 0 or more and --port between 1 and 65535 (got {args.queue}, {args.port})")
     import uvicorn
 
     from agent.server import create_app
