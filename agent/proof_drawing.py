@@ -86,79 +86,58 @@ def _score(judge, asked: list[tuple[str, str]], images: list) -> list[bool]:
     return [s == a for s, a in zip(seen, asked, strict=True)]
 
 
-def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps: int = 150, it_steps: int = 100,
-            batch_size: int = 16, seeds: int = 4, resume: bool = False, seed: int = 0) -> int:
-    from PIL import Image
-
+def generator_and_judge(out_dir: Path, cfg, *, resume: bool, seed: int = 0):
+    """The small text-to-image generator and the judge, trained on easy-vqa train images (or
+    reused from `out_dir` when resuming). Returns the loaded generator, the judge and the judge's
+    accuracy on the easy-vqa test images."""
     from models.generators import build_image_generator
-    from models.mmllm import MMLLM
-    from models.profiles import load_profile
     from models.specs import ImageGeneratorSpec
     from models.training.data import easy_vqa_shapes
-    from models.training.image_generator import GeneratorTraining, train_image_generator
+    from models.training.image_generator import train_image_generator
     from models.training.shape_judge import judge_accuracy, load_judge, save_judge, train_judge
-    from models.training.stages import TrainConfig
-    from models.training.trainer import train
 
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     train_shapes, test_shapes = easy_vqa_shapes("train"), easy_vqa_shapes("test")
-    generator_cfg = GeneratorTraining(vae_steps=vae_steps, unet_steps=unet_steps, seed=seed)
-
     pipeline = out_dir / "generator" / "pipeline"
     if not (resume and (pipeline / "model_index.json").is_file()):
-        train_image_generator([(p, f"a {c} {s}") for p, c, s in train_shapes], out_dir / "generator", generator_cfg)
+        train_image_generator([(p, f"a {c} {s}") for p, c, s in train_shapes], out_dir / "generator", cfg)
     judge_file = out_dir / "judge.pt"
     if resume and judge_file.is_file():
         judge = load_judge(judge_file)
     else:
-        judge = train_judge(train_shapes, image_size=generator_cfg.image_size, seed=seed)
+        judge = train_judge(train_shapes, image_size=cfg.image_size, seed=seed)
         save_judge(judge, judge_file)
-    judge_test = judge_accuracy(judge, test_shapes)
-    generator_and_judge_minutes = (time.perf_counter() - started) / 60
+    spec = ImageGeneratorSpec(source=str(pipeline.resolve()), steps=cfg.sample_steps, guidance=cfg.guidance,
+                              device="cpu")
+    return build_image_generator(spec), judge, judge_accuracy(judge, test_shapes)
 
-    # the reference: the generator fed its own text encoder's conditioning
-    spec = ImageGeneratorSpec(source=str(pipeline.resolve()), steps=generator_cfg.sample_steps,
-                              guidance=generator_cfg.guidance, device="cpu")
-    generator = build_image_generator(spec)
-    pairs = list(itertools.product(COLORS, SHAPES))
-    reference, reference_ok = {}, []
-    for c, s in pairs:
-        conditioning = generator.text_conditioning([f"a {c} {s}"] * seeds)
-        reference[(c, s)] = generator.generate(conditioning, seed=seed)
-        reference_ok += _score(judge, [(c, s)] * seeds, reference[(c, s)])
-    _grid(reference, out_dir / "reference-grid.png")
 
-    # the MM-LLM: PT aligns the output projector, IT teaches the backbone to draw on request
+def drawing_profile(out_dir: Path, cfg) -> Path:
+    """The untrained local profile with the small generator and an image output projector."""
     profile_file = out_dir / "profile.yaml"
     profile_file.write_text(
-        "extends: local\n"
+        "extends: local-untrained\n"
         "image_generator:\n"
-        f"  source: {pipeline.resolve()}\n"
-        f"  steps: {generator_cfg.sample_steps}\n"
-        f"  guidance: {generator_cfg.guidance}\n"
+        f"  source: {(out_dir / 'generator' / 'pipeline').resolve()}\n"
+        f"  steps: {cfg.sample_steps}\n"
+        f"  guidance: {cfg.guidance}\n"
         "output_projectors:\n"
         "  image: {type: transformer, hidden: 256, layers: 2, heads: 4}\n")
-    pt_data, it_data = _manifests(out_dir / "data", 2400, seed)
-    config = TrainConfig.from_dict({
-        "profile": str(profile_file), "out_dir": str(out_dir / "run"),
-        "stages": [
-            {"name": "pt", "data": [str(pt_data)], "steps": pt_steps, "batch_size": batch_size, "lr": 1e-3,
-             "log_every": 5, "checkpoint_every": 50, "seed": seed,
-             "train": {"input_projectors": False}},
-            {"name": "it", "data": [str(it_data)], "steps": it_steps, "batch_size": batch_size, "lr": 2e-4,
-             "log_every": 5, "checkpoint_every": 50, "seed": seed + 1,
-             "train": {"input_projectors": False}},
-        ],
-    })
-    result = train(config, resume=resume, overwrite=not resume)
-    mm = MMLLM.from_profile(load_profile(str(result.profile)))
-    mm.generators["image"] = generator  # the same loaded pipeline
+    return profile_file
 
-    empty = Image.new("RGB", (generator_cfg.image_size,) * 2, "lightgray")  # no signal span, no picture
+
+def pt_stage(data: Path, steps: int, batch_size: int, seed: int) -> dict:
+    """Output-projector alignment: the backbone is frozen, the input projectors are not involved."""
+    return {"name": "pt", "data": [str(data)], "steps": steps, "batch_size": batch_size, "lr": 1e-3,
+            "log_every": 5, "checkpoint_every": 50, "seed": seed, "train": {"input_projectors": False}}
+
+
+def draw_all(mm, generator, judge, seeds: int, seed: int = 0, image_size: int = 64):
+    """"Draw a <colour> <shape>." for every pair, end to end; returns (samples, verdicts, spans emitted)."""
+    from PIL import Image
+
+    empty = Image.new("RGB", (image_size,) * 2, "lightgray")  # no signal span, no picture
     drawn, ok, emitted = {}, [], 0
-    for c, s in pairs:
+    for c, s in itertools.product(COLORS, SHAPES):
         out = mm.generate([{"role": "user", "content": f"Draw a {c} {s}."}], max_new_tokens=24)
         span = next((sp for sp in out.spans if sp.modality == "image" and sp.conditioning is not None), None)
         if span is None:
@@ -169,6 +148,48 @@ def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps:
         conditioning = {k: v.unsqueeze(0).expand(seeds, *v.shape) for k, v in span.conditioning.items()}
         drawn[(c, s)] = generator.generate(conditioning, seed=seed)
         ok += _score(judge, [(c, s)] * seeds, drawn[(c, s)])
+    return drawn, ok, emitted
+
+
+def drawing(out: str, *, vae_steps: int = 600, unet_steps: int = 6000, pt_steps: int = 150, it_steps: int = 100,
+            batch_size: int = 16, seeds: int = 4, resume: bool = False, seed: int = 0) -> int:
+    from models.mmllm import MMLLM
+    from models.profiles import load_profile
+    from models.training.image_generator import GeneratorTraining
+    from models.training.stages import TrainConfig
+    from models.training.trainer import train
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    generator_cfg = GeneratorTraining(vae_steps=vae_steps, unet_steps=unet_steps, seed=seed)
+    generator, judge, judge_test = generator_and_judge(out_dir, generator_cfg, resume=resume, seed=seed)
+    generator_and_judge_minutes = (time.perf_counter() - started) / 60
+
+    # the reference: the generator fed its own text encoder's conditioning
+    pairs = list(itertools.product(COLORS, SHAPES))
+    reference, reference_ok = {}, []
+    for c, s in pairs:
+        conditioning = generator.text_conditioning([f"a {c} {s}"] * seeds)
+        reference[(c, s)] = generator.generate(conditioning, seed=seed)
+        reference_ok += _score(judge, [(c, s)] * seeds, reference[(c, s)])
+    _grid(reference, out_dir / "reference-grid.png")
+
+    # the MM-LLM: PT aligns the output projector, IT teaches the backbone to draw on request
+    pt_data, it_data = _manifests(out_dir / "data", 2400, seed)
+    config = TrainConfig.from_dict({
+        "profile": str(drawing_profile(out_dir, generator_cfg)), "out_dir": str(out_dir / "run"),
+        "stages": [
+            pt_stage(pt_data, pt_steps, batch_size, seed),
+            {"name": "it", "data": [str(it_data)], "steps": it_steps, "batch_size": batch_size, "lr": 2e-4,
+             "log_every": 5, "checkpoint_every": 50, "seed": seed + 1,
+             "train": {"input_projectors": False}},
+        ],
+    })
+    result = train(config, resume=resume, overwrite=not resume)
+    mm = MMLLM.from_profile(load_profile(str(result.profile)))
+    mm.generators["image"] = generator  # the same loaded pipeline
+    drawn, ok, emitted = draw_all(mm, generator, judge, seeds, seed, generator_cfg.image_size)
     _grid(drawn, out_dir / "grid.png")
 
     report = {

@@ -21,7 +21,20 @@ def _sample(manifest: Path, count: int, seed: int) -> Path:
     return out
 
 
-def seeing(out: str, *, pt_steps: int = 150, it_steps: int = 150, batch_size: int = 16,
+def seeing_pt_stage(manifest: Path, steps: int, batch_size: int, seed: int) -> dict:
+    """The input projector learns to map image features to the answers; the backbone is frozen."""
+    return {"name": "pt", "data": [str(manifest)], "steps": steps, "batch_size": batch_size, "lr": 1e-3,
+            "log_every": 5, "checkpoint_every": 50, "seed": seed}
+
+
+def test_sample(data: Path, count: int, seed: int) -> Path:
+    """The fixed random sample of easy-vqa test questions every seeing score is measured on."""
+    from models.training.data import easy_vqa_manifest
+
+    return _sample(easy_vqa_manifest("test", data), count, seed)
+
+
+def seeing(out: str, *, pt_steps: int = 300, it_steps: int = 200, batch_size: int = 16,
            test_questions: int = 1000, resume: bool = False, seed: int = 0) -> int:
     from models.mmllm import MMLLM
     from models.profiles import load_profile
@@ -33,12 +46,11 @@ def seeing(out: str, *, pt_steps: int = 150, it_steps: int = 150, batch_size: in
     data = out_dir / "data"
     started = time.perf_counter()
     train_manifest = easy_vqa_manifest("train", data)
-    test_manifest = _sample(easy_vqa_manifest("test", data), test_questions, seed)
+    test_manifest = test_sample(data, test_questions, seed)
     config = TrainConfig.from_dict({
-        "profile": "local", "out_dir": str(out_dir / "run"),
+        "profile": "local-untrained", "out_dir": str(out_dir / "run"),
         "stages": [
-            {"name": "pt", "data": [str(train_manifest)], "steps": pt_steps, "batch_size": batch_size,
-             "lr": 1e-3, "log_every": 5, "checkpoint_every": 50, "seed": seed},
+            seeing_pt_stage(train_manifest, pt_steps, batch_size, seed),
             {"name": "it", "data": [str(train_manifest)], "steps": it_steps, "batch_size": batch_size,
              "lr": 2e-4, "log_every": 5, "checkpoint_every": 50, "seed": seed + 1},
         ],
@@ -92,13 +104,32 @@ def _choose(thinker, schemas: list[dict], items: list[dict]) -> dict:
             "rows": rows}
 
 
+def tool_use_lines(system: str, items: list[dict]) -> list[dict]:
+    """Manifest lines that answer each request with its tool calls (or its plain answer)."""
+    from graphs.chat_model import render_tool_calls
+    from langchain_core.messages import AIMessage
+
+    lines = []
+    for item in items:
+        calls = [{"id": f"c{i}", "name": c["name"], "args": c["arguments"]} for i, c in enumerate(item["calls"])]
+        answer = item["answer"] or render_tool_calls(AIMessage(content="", tool_calls=calls))
+        lines.append({"messages": [{"role": "system", "content": system}, {"role": "user", "content": item["request"]},
+                                   {"role": "assistant", "content": answer}]})
+    return lines
+
+
+def choose_rates(mm, schemas: list[dict], items: list[dict]) -> dict:
+    """The controller's own think step (constrained decoding on) over held-out requests."""
+    from graphs.thinker import BackboneThinker, ConditioningCache
+
+    return _choose(BackboneThinker(mm, ConditioningCache(), max_new_tokens=96), schemas, items)
+
+
 def choosing(out: str, *, train_count: int = 1200, test_count: int = 60, steps: int = 150, batch_size: int = 8,
              lr: float = 5e-4, resume: bool = False) -> int:
     """LoRA-tune SmolLM2 to call the project's tools; right tool / arguments before and after."""
     from agent.tool_requests import requests
-    from graphs.chat_model import render_tool_calls
-    from graphs.thinker import BackboneThinker, ConditioningCache, system_prompt
-    from langchain_core.messages import AIMessage
+    from graphs.thinker import system_prompt
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from models.training.stages import TrainConfig
@@ -109,22 +140,16 @@ def choosing(out: str, *, train_count: int = 1200, test_count: int = 60, steps: 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    profile = load_profile("local")
+    profile = load_profile("local-untrained")
     schemas = tool_schemas(build_tools(ToolContext("proof", profile, MediaStore(out_dir / "media"))))
     system = system_prompt(schemas, [])  # exactly what the controller shows the backbone
     manifest = out_dir / "tool-use-train.jsonl"
     with open(manifest, "w") as fp:
-        for item in requests(train_count, split="train"):
-            calls = [{"id": f"c{i}", "name": c["name"], "args": c["arguments"]} for i, c in enumerate(item["calls"])]
-            answer = item["answer"] or render_tool_calls(AIMessage(content="", tool_calls=calls))
-            fp.write(json.dumps({"messages": [{"role": "system", "content": system},
-                                              {"role": "user", "content": item["request"]},
-                                              {"role": "assistant", "content": answer}]}) + "\n")
+        fp.writelines(json.dumps(line) + "\n" for line in tool_use_lines(system, requests(train_count, split="train")))
     heldout = requests(test_count, split="heldout")
-    before = _choose(BackboneThinker(MMLLM.from_profile(profile), ConditioningCache(), max_new_tokens=96),
-                     schemas, heldout)
+    before = choose_rates(MMLLM.from_profile(profile), schemas, heldout)
     config = TrainConfig.from_dict({
-        "profile": "local", "out_dir": str(out_dir / "run"),
+        "profile": "local-untrained", "out_dir": str(out_dir / "run"),
         "stages": [{"name": "it", "data": [str(manifest)], "steps": steps, "batch_size": batch_size, "lr": lr,
                     "log_every": 5, "checkpoint_every": 40,
                     "train": {"input_projectors": False, "output_projectors": False, "backbone": "lora",
@@ -132,7 +157,7 @@ def choosing(out: str, *, train_count: int = 1200, test_count: int = 60, steps: 
     })
     result = train(config, resume=resume, overwrite=not resume)
     tuned = MMLLM.from_profile(load_profile(str(result.profile)))
-    after = _choose(BackboneThinker(tuned, ConditioningCache(), max_new_tokens=96), schemas, heldout)
+    after = choose_rates(tuned, schemas, heldout)
     report = {"train_requests": train_count, "heldout_requests": test_count, "steps": steps, "batch_size": batch_size,
               "before": {k: v for k, v in before.items() if k != "rows"},
               "after": {k: v for k, v in after.items() if k != "rows"},
