@@ -60,12 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int)
 
     proof = commands.add_parser("proof", help="the training proofs, each one command (see README)")
-    proof.add_argument("which", choices=["seeing", "drawing", "choosing"])
+    proof.add_argument("which", choices=["seeing", "drawing", "choosing", "joint"],
+                       help="joint: one model trained on all three, the local profile's weights")
     proof.add_argument("--out", help="default results/proofs/WHICH")
-    proof.add_argument("--pt-steps", type=int, default=150)
-    proof.add_argument("--it-steps", type=int, default=150)
+    proof.add_argument("--pt-steps", type=int, help="seeing's PT steps (seeing, joint)")
+    proof.add_argument("--it-steps", type=int, help="IT steps (seeing, joint)")
     proof.add_argument("--test-questions", type=int, default=1000)
     proof.add_argument("--resume", action="store_true")
+    proof.add_argument("--install", action="store_true",
+                       help="joint: write the weights to models/trained/local, for the local profile")
 
     bench = commands.add_parser("bench", help="benchmarks against their baselines, written under --out")
     bench.add_argument("suite", choices=["controller"])
@@ -140,8 +143,15 @@ def main(argv: list[str] | None = None) -> int:
                 from agent.proof_drawing import drawing
 
                 return drawing(out, resume=args.resume)
-            return proofs.seeing(out, pt_steps=args.pt_steps, it_steps=args.it_steps,
-                                 test_questions=args.test_questions, resume=args.resume)
+            steps = {k: v for k, v in (("pt_steps", args.pt_steps), ("it_steps", args.it_steps)) if v is not None}
+            if args.which == "joint":
+                from agent.proof_joint import joint
+
+                if "pt_steps" in steps:
+                    steps["seeing_pt_steps"] = steps.pop("pt_steps")
+                return joint(out, **steps, test_questions=args.test_questions, resume=args.resume,
+                             install_weights=args.install)
+            return proofs.seeing(out, **steps, test_questions=args.test_questions, resume=args.resume)
         if args.command == "bench":
             from agent.bench import run
 
