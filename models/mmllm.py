@@ -19,6 +19,7 @@ from torch import nn
 from models.backbone import PLACEHOLDERS, Backbone, count_parameters
 from models.errors import ConfigError, UntrainedProjectorError
 from models.input_projectors import build_input_projector
+from models.loading import LOADING
 from models.output_projectors import OutputProjector, alignment_loss
 from models.specs import ProfileSpec
 
@@ -156,6 +157,10 @@ class MMLLM(nn.Module):
     # --- lazily built parts -----------------------------------------------------------------
 
     def encoder(self, modality: str) -> nn.Module:
+        with LOADING:
+            return self._encoder(modality)
+
+    def _encoder(self, modality: str) -> nn.Module:
         if modality not in self.encoders:
             from models import encoders
 
@@ -189,6 +194,10 @@ class MMLLM(nn.Module):
         return self.input_projectors[key]
 
     def generator(self, modality: str):
+        with LOADING:
+            return self._generator(modality)
+
+    def _generator(self, modality: str):
         if modality not in self.generators:
             from models import generators
 

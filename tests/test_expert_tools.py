@@ -296,6 +296,31 @@ def test_the_pool_loads_once_under_concurrent_access():
     assert other is not got[0] and len(calls) == 2  # another spec is another model
 
 
+def test_two_different_models_never_load_at_the_same_time():
+    # the libraries' loaders patch global torch state while they run (meta-device init)
+    pool = ModelPool()
+    loading, overlaps = [], []
+    barrier = threading.Barrier(2)
+
+    def builder(spec):
+        loading.append(spec["name"])
+        overlaps.append(len(loading) > 1)
+        time.sleep(0.1)
+        loading.remove(spec["name"])
+        return spec["name"]
+
+    def ask(name):
+        barrier.wait()
+        pool.get("generator", {"name": name}, builder)
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("image", "audio")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == [False, False]
+
+
 def test_a_failed_build_is_not_cached():
     pool = ModelPool()
     attempts = []

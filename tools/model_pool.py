@@ -4,9 +4,10 @@ TaskMatrix loads every tool's model at start and runs out of memory; here a mode
 first time a tool needs it and kept. The key is the model's role and its spec (as JSON), so two
 sessions with the same profile share one Whisper, and a profile that changes a spec gets its own.
 
-Two threads asking for the same model at once load it once: each key has its own lock, so one
-slow load (Stable Diffusion) does not hold up an unrelated one (Whisper). A build that raises is
-not cached; the next request tries again and meets the same, typed error.
+Two threads asking for the same model at once load it once. Builds of different models wait for
+each other too (`models.loading.LOADING`): the libraries' loaders patch global torch state while
+they run, so two at once corrupt each other. A build that raises is not cached; the next request
+tries again and meets the same, typed error.
 
 Running a model is a separate matter: diffusers pipelines keep per-call state in their
 scheduler, so two threads must not denoise on one pipeline at once. `use()` hands out the model
@@ -20,6 +21,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from models.loading import LOADING
 
 T = TypeVar("T")
 Key = tuple[str, str]
@@ -57,7 +60,8 @@ class ModelPool:
             with self._guard:
                 if key in self._models:
                     return self._models[key]
-            model = builder(spec)
+            with LOADING:
+                model = builder(spec)
             with self._guard:
                 self._models[key] = model
             return model
