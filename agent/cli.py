@@ -78,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", action="append",
                        choices=["overhead", "overhead-local", "validity", "parallel", "plan"])
 
+    embodied = commands.add_parser("embodied", help="plan skills in BabyAI with the backbone, against a random "
+                                                    "policy and the BabyAI bot")
+    embodied.add_argument("--env", action="append", metavar="LEVEL",
+                          help="a BabyAI level, e.g. BabyAI-GoToLocal-v0 (repeatable; default BabyAI-GoToLocal-v0)")
+    embodied.add_argument("--episodes", type=int, default=50, help="episodes per level and policy")
+    embodied.add_argument("--seed", type=int, default=0, help="seed of the first episode; the others follow")
+    embodied.add_argument("--out", default="results/embodied", help="folder for results.json, GIFs and the chart")
+    embodied.add_argument("--gif", type=int, default=2, help="episodes per level drawn into its GIF "
+                                                             "(the first failure is drawn too)")
+
     models = commands.add_parser("models", help="list the active profile's models, or prepare them")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION")
     prepare = models_sub.add_parser("prepare", help="make every model of the profile ready (progress bars)")
@@ -164,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent import workflow_commands
 
             return getattr(workflow_commands, args.command)(args)
+        if args.command == "embodied":
+            from agent.embodied_commands import embodied
+
+            return embodied(args)
         if args.command == "demo":
             from agent.demo import run_demo
 
