@@ -83,6 +83,8 @@ class Episode:
         return self.terminated and self.reward > 0
 
     def act(self, action: int) -> None:
+        """One low-level action. Raises EpisodeOver once the episode has ended, at the next action:
+        the action that ends it still lets its skill check its postcondition."""
         if self.over:
             raise EpisodeOver
         obs, reward, self.terminated, self.truncated, _ = self.env.step(int(action))
@@ -91,8 +93,6 @@ class Episode:
         self.map.observe(obs["image"], self.pose)
         if self.on_step is not None:
             self.on_step(self)
-        if self.over:
-            raise EpisodeOver
 
     # --- perception -----------------------------------------------------------------------------
 
