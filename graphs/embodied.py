@@ -17,6 +17,7 @@ import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Annotated, TypedDict
 
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
@@ -51,7 +52,7 @@ class EmbodiedState(TypedDict, total=False):
     notes: Annotated[list[str], operator.add]  # what went wrong so far, shown to the planner
     spent: Annotated[list[list[str]], operator.add]  # [skill, phrase] done without finishing the mission
     planner_calls: int
-    outcome: str  # "success", "out of time", "out of planner calls"
+    outcome: str  # "success", "out of time", "out of planner calls", "nothing seen to act on"
     trace: Annotated[list[dict], operator.add]
 
 
@@ -91,7 +92,8 @@ def observe(state: EmbodiedState, runtime: Runtime[EmbodiedContext]) -> dict:
 # an example's answer can never yield a real object: the enums leave only the mission's words.
 EXAMPLES = [
     ("go to the white lamp", "go_to", {"object": "the white lamp"}),
-    ("put the black cup next to the pink chair", "put_next_to", {"object": "the black cup", "next_to": "the pink chair"}),
+    ("put the black cup next to the pink chair", "put_next_to",
+     {"object": "the black cup", "next_to": "the pink chair"}),
     ("go to a chair on your right", "go_to", {"object": "a chair on your right"}),
     ("put the pink lamp next to the pink cup", "put_next_to", {"object": "the pink lamp", "next_to": "the pink cup"}),
     ("pick up the pink lamp", "pick_up", {"object": "the pink lamp"}),
@@ -140,8 +142,7 @@ def act(state: EmbodiedState, runtime: Runtime[EmbodiedContext]) -> dict:
     call = plan_[index]
     if context.on_skill is not None:
         context.on_skill(index)
-    # built again: the schemas the plan was written against are those of the skills at plan time,
-    # and the same phrases still resolve against the map as it is now
+    # built afresh: the phrase resolves against the map as it is now, which earlier skills changed
     skills = {s.name: s for s in build_skills(episode)}
     if call["name"] in skills:
         result = skills[call["name"]].invoke(call["args"])
@@ -187,6 +188,7 @@ def _after_check(state: EmbodiedState) -> str:
     return "act"
 
 
+@cache
 def build_graph():
     graph = StateGraph(EmbodiedState, context_schema=EmbodiedContext)
     for name, node in [("observe", observe), ("plan", plan), ("act", act), ("check", check)]:
@@ -199,19 +201,13 @@ def build_graph():
     return graph.compile()
 
 
-_GRAPH = None
-
-
 def run_episode(episode: Episode, thinker: Thinker, *, max_planner_calls: int = 4,
                 on_plan: Callable[[list[dict]], None] | None = None,
                 on_skill: Callable[[int], None] | None = None) -> EmbodiedResult:
     """Plan and act until the mission is done, time runs out, or the planner calls are spent."""
-    global _GRAPH
-    if _GRAPH is None:
-        _GRAPH = build_graph()
     context = EmbodiedContext(episode, thinker, max_planner_calls, on_plan, on_skill)
     # a planner call costs observe and plan, then act and check for each skill of its plan
-    final = _GRAPH.invoke({"mission": episode.mission, "notes": [], "trace": []}, context=context,
-                          config={"recursion_limit": (2 + 2 * MAX_PLAN) * max_planner_calls + 10})
+    final = build_graph().invoke({"mission": episode.mission, "notes": [], "trace": []}, context=context,
+                                 config={"recursion_limit": (2 + 2 * MAX_PLAN) * max_planner_calls + 10})
     return EmbodiedResult(episode.mission, episode.success, episode.steps, final.get("planner_calls", 0),
                           episode.path_replans, final.get("outcome", ""), final.get("trace", []))

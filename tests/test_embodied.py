@@ -173,6 +173,14 @@ def test_a_skill_fails_when_its_object_is_gone():
                                                                    "facing the red key")
 
 
+def test_a_call_naming_an_unseen_object_fails_plainly():
+    episode = _episode("BabyAI-GoToObj-v0", 0)  # only a green key in the room
+    skills = {s.name: s for s in build_skills(episode)}
+    assert skills["go_to"].invoke({"object": "the red ball"}) == \
+        "the arguments of go_to do not name objects seen so far"
+    assert episode.steps == 0
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 def test_episode_with_a_scripted_plan():
@@ -279,3 +287,4 @@ def test_command_compares_policies_and_draws_episodes(tmp_path, capsys):
     gif = Image.open(out / "BabyAI-GoToObj-v0.gif")
     assert gif.n_frames > 3 and gif.width > gif.height  # frames with the plan beside them
     assert Image.open(out / "comparison.png").format == "PNG"
+

@@ -19,8 +19,8 @@ from langchain_core.tools import StructuredTool, ToolException
 from pydantic import ConfigDict, Field, create_model
 
 from models.errors import ConfigError
-from tools.babyai_world import (CARRIABLE, LOCATION_WORDS, GridMap, Pose, Thing, descriptions, path_still_clear, phrases,
-                                plan_path)
+from tools.babyai_world import (CARRIABLE, LOCATION_WORDS, GridMap, Pose, Thing, descriptions, path_still_clear,
+                                phrases, plan_path)
 
 _OPEN, _LOCKED = 0, 2  # minigrid's door states
 
@@ -236,8 +236,9 @@ def _skill(episode: Episode, name: str, description: str, func: Callable[..., di
             result = {"did": "the episode ended"}
         return {**result, "steps": episode.steps - start}
 
-    return StructuredTool.from_function(func=run, name=name, description=description, args_schema=args,
-                                        handle_tool_error=True, handle_validation_error=True)
+    return StructuredTool.from_function(
+        func=run, name=name, description=description, args_schema=args, handle_tool_error=True,
+        handle_validation_error=lambda error: f"the arguments of {name} do not name objects seen so far")
 
 
 def _bare(phrase: str) -> str:
