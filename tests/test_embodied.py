@@ -228,6 +228,10 @@ def test_a_plan_that_ends_without_the_mission_is_not_offered_again():
     assert result.success and result.planner_calls == 2
     second = thinker.seen[1]["messages"]
     assert "is done but the mission is not" in second[0].content
+    schemas = {s["name"]: s["parameters"]["properties"] for s in
+               tool_schemas(build_skills(episode, spent=[("go_to", "the red box on your right")]))}
+    assert not any("red box" in p for p in schemas["go_to"]["object"]["enum"])  # however it is named
+    assert "the red box" in schemas["pick_up"]["object"]["enum"]  # other skills may still use it
 
 
 def test_planner_calls_are_bounded():
