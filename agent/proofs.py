@@ -34,7 +34,7 @@ def test_sample(data: Path, count: int, seed: int) -> Path:
     return _sample(easy_vqa_manifest("test", data), count, seed)
 
 
-def seeing(out: str, *, pt_steps: int = 300, it_steps: int = 200, batch_size: int = 16,
+def seeing(out: str, *, pt_steps: int = 150, it_steps: int = 150, batch_size: int = 16,
            test_questions: int = 1000, resume: bool = False, seed: int = 0) -> int:
     from models.mmllm import MMLLM
     from models.profiles import load_profile
