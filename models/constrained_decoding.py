@@ -193,7 +193,8 @@ class ToolCallConstraint:
     max_whitespace: the most consecutive whitespace characters inside the JSON (None: any);
         bounded so that an unsure model cannot pad forever.
     banned_token_ids: tokens never allowed inside a tool call (give the backbone's signal tokens
-        and media placeholders: a signal span inside the arguments would be read as a span).
+        and media placeholders: a signal span inside the arguments would be read as a span). The
+        tokenizer's special tokens other than the stop tokens are always banned there.
     excluded: substrings forbidden in the arguments' strings. Off by default: xgrammar 0.2.8
         then ignores minLength/maxLength of those strings.
 
@@ -248,6 +249,9 @@ class ToolCallConstraint:
             words = (vocab_size + 31) // 32
             banned = set(self.banned_token_ids)
             banned |= set(control_token_ids(self.tokenizer, vocab_size, self.stop_token_ids))
+            # special tokens (pad, <|im_start|>) are no text: xgrammar may see none of them as
+            # special and let them into strings, where a pad token would end the call mid-string
+            banned |= set(self.tokenizer.all_special_ids) - set(self.stop_token_ids)
             row = np.full(words, 0xFFFFFFFF, dtype=np.uint32)
             for token in sorted(banned):
                 if token < words * 32:

@@ -230,6 +230,14 @@ def test_eos_and_signal_tokens_are_masked_inside_a_call(mm):
     assert torch.isfinite(scores[b.tokenizer.convert_tokens_to_ids('"')])
 
 
+def test_special_tokens_other_than_stop_are_masked_inside_a_call(mm):
+    b = mm.backbone
+    constraint = _constraint(mm)
+    scores = _feed(constraint, b.tokenizer, tool_call_prefix("transcribe") + '{"audio_id": "a', len(b.tokenizer))
+    specials = set(b.tokenizer.all_special_ids) - set(constraint.stop_token_ids)
+    assert specials and all(scores[i] == float("-inf") for i in specials)
+
+
 def test_force_requires_a_call_first_and_single_call_then_stops(mm):
     tok = mm.backbone.tokenizer
     vocab = len(tok)
