@@ -349,6 +349,21 @@ def test_a_rejected_run_stops_at_the_approval(tmp_path, runner_for):
         runner.execute(run_id, answer=True)
 
 
+def test_a_run_that_another_live_process_runs_is_not_run_twice(tmp_path, runner_for):
+    import psutil
+
+    runner = runner_for(ScriptedThinker(ThinkResult("hi")))
+    run_id = start(runner, tmp_path, "name: once\nsteps:\n  - {name: a, prompt: hi}\n")
+    parent = psutil.Process().parent()  # alive for as long as this test runs
+    runner.log.update(run_id, status="running", pid=parent.pid, pid_started=parent.create_time())
+    assert runner.log.get(run_id).state == "running"
+    with pytest.raises(WorkflowError, match=f"run '{run_id}' is running in process {parent.pid}"):
+        runner.execute(run_id)
+    runner.log.update(run_id, pid_started=parent.create_time() - 60)  # that pid, but another process
+    assert runner.log.get(run_id).state == "interrupted"
+    assert runner.execute(run_id).state == "done"
+
+
 # --- the command line: real processes -----------------------------------------------------------
 
 
