@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from langchain_core.tools import StructuredTool, ToolException
+from minigrid.core.actions import Actions
 from pydantic import ConfigDict, Field, create_model
 
 from models.errors import ConfigError
-from tools.babyai_world import (CARRIABLE, LOCATION_WORDS, GridMap, Pose, Thing, descriptions, path_still_clear,
-                                phrases, plan_path)
+from tools.babyai_world import (CARRIABLE, LOCATION_WORDS, OBJECT_TYPES, GridMap, Pose, Thing, descriptions,
+                                path_still_clear, phrases, plan_path)
 
 _OPEN, _LOCKED = 0, 2  # minigrid's door states
 
@@ -99,7 +100,7 @@ class Episode:
     def look_around(self) -> None:
         """Turn on the spot until every direction has been in view."""
         for _ in range(3):
-            self.act(0)
+            self.act(Actions.left)
 
     def explore(self) -> bool:
         """Walk toward the nearest cell never seen until a new object comes into view.
@@ -118,7 +119,7 @@ class Episode:
     # --- moving ---------------------------------------------------------------------------------
 
     def matching(self, phrase: str, types=None) -> list[Thing]:
-        return [t for t in self.map.things(types or ("ball", "box", "key", "door"))
+        return [t for t in self.map.things(types or OBJECT_TYPES)
                 if phrase in descriptions(t, self.start)]
 
     def walk_to_face(self, targets: Callable[[], set[tuple[int, int]]], what: str) -> None:
@@ -164,7 +165,7 @@ class Episode:
             self.drop()  # one hand: put down what is carried first
         self.walk_to_face(lambda: {t.pos for t in self.matching(object, CARRIABLE)}, object)
         expected = self._front_thing()
-        self.act(3)
+        self.act(Actions.pickup)
         held = self.carrying
         if held is None or expected is None or held.name != expected.name:
             raise ToolException(f"tried to pick up {object} but carry {held.name if held else 'nothing'}")
@@ -175,7 +176,7 @@ class Episode:
         if held is None:
             raise ToolException("carrying nothing, so nothing to drop")
         self.walk_to_face(lambda: {p for p in self.map.cells if self.map.empty(p)}, "a free cell")
-        self.act(4)
+        self.act(Actions.drop)
         if self.carrying is not None:
             raise ToolException(f"could not put down the {held.name}")
         return {"did": f"put down the {held.name}"}
@@ -189,7 +190,7 @@ class Episode:
         held = self.carrying
         if cell.state == _LOCKED and not (held and held.type == "key" and held.color == cell.color):
             raise ToolException(f"the {cell.color} door is locked; it opens with the {cell.color} key")
-        self.act(5)
+        self.act(Actions.toggle)
         if self.map.get(front).state != _OPEN:
             raise ToolException(f"the {cell.color} door did not open")
         return {"did": f"opened the {cell.color} door"}
@@ -209,7 +210,7 @@ class Episode:
 
         self.walk_to_face(beside, f"a free cell next to {next_to}")
         spot = self.pose.front
-        self.act(4)
+        self.act(Actions.drop)
         placed = self.map.get(spot)
         near = {t.pos for t in self.matching(next_to)}
         x, y = spot
