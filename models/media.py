@@ -355,6 +355,9 @@ def _probe_video(source: Path | bytes, name: str, limits: MediaLimits) -> tuple[
 
     packets = None
     with _open_video(source, name) as (container, stream):
+        if stream.codec_context is None:  # PyAV found a track but no codec for it: a cut-off header
+            raise CorruptMediaError(f"{name}'s video track cannot be decoded; the file is damaged or truncated, "
+                                    "send the whole MP4, WebM, MKV or MOV file")
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > limits.max_image_pixels:
             raise MediaTooLargeError(

@@ -75,7 +75,7 @@ def test_bad_profiles_name_the_field(tmp_path, text, message):
 
 
 def test_unknown_profile_lists_the_shipped_ones():
-    with pytest.raises(ConfigError, match="full, local, tiny"):
+    with pytest.raises(ConfigError, match="full, local, local-untrained, tiny"):
         load_profile("nope")
 
 
