@@ -120,7 +120,10 @@ def run_tour(profile_name: str | None, out: str) -> int:
     out_dir = Path(out)
     data = out_dir / "data"
     shutil.rmtree(data, ignore_errors=True)  # a fresh session and knowledge base each run
-    config = AgentConfig(profile=profile_name, data_dir=data, allowed_dirs=[EXAMPLES.parent],
+    from models.training.data import easy_vqa_shapes
+
+    shape_image = next(item for item in easy_vqa_shapes("test") if item[2] == "circle")  # (path, colour, shape)
+    config = AgentConfig(profile=profile_name, data_dir=data, allowed_dirs=[EXAMPLES.parent, Path(shape_image[0]).parent],
                          max_new_tokens=80, max_steps=2, history_turns=1)
     runtime = Runtime(config)
     print(f"profile {runtime.profile.name}: {runtime.profile.description}")
@@ -146,9 +149,30 @@ def run_tour(profile_name: str | None, out: str) -> int:
                 question = _transcript(runtime, result) or "When is the team offsite?"
             elif answer is None:
                 answer = result.text or "I do not know."
+        _shapes_tour(runtime, *shape_image)
     finally:
         runtime.close()
     return 0
+
+
+def _shapes_tour(runtime, path: str, colour: str, shape: str) -> None:
+    """The end-to-end path: the backbone sees an image through its trained input projector, and
+    draws through its signal tokens, output projector and generator (no tools offered)."""
+    from agent.runtime import trace_lines
+
+    if runtime.profile.projector_weights is None:
+        print("\n(the profile has no trained weights: skipping 'what shape is this?' and 'draw a red circle')")
+        return
+    for text, attachments in [("What shape is this?", [{"kind": "image", "path": str(path)}]),
+                              ("Draw a red circle.", [])]:
+        note = f"  [+ an easy-vqa test image: a {colour} {shape}]" if attachments else ""
+        with _step(f"you: {text}{note}"):
+            result = runtime.controller.turn(f"demo-shapes-{len(attachments)}", text, attachments, tools=[])
+            print(f"   assistant: {result.text}")
+            for item in result.media:
+                print(f"   [{item['kind']}] {item['id']}: {item['path']}")
+            print("   route:")
+            print("\n".join("   " + line for line in trace_lines(result.trace)))
 
 
 def _transcript(runtime, result) -> str | None:
