@@ -4,11 +4,11 @@
                                \\-> observe ...  a skill failed, or the plan ran out and the mission is not done
                                \\-> END          mission done, out of time, or out of planner calls
 
-observe looks around (first visit) or explores toward unseen cells (after a surprise) and writes
-what the agent has seen as text. plan asks the backbone for skill calls, constrained to the skills'
-schemas, whose arguments are enums of the objects seen. act runs one skill. check compares what
-happened with what the plan expected. The episode (environment, map) lives in the run's context,
-not in the state: state holds text and small records only.
+observe looks around (first visit) and explores toward unseen cells (after a surprise, or while
+nothing is in sight), and writes what the agent has seen as text. plan asks the backbone for skill
+calls, constrained to the skills' schemas, whose arguments are enums of the objects seen. act runs
+one skill. check compares what happened with what the plan expected. The episode (environment,
+map) lives in the run's context, not in the state: state holds text and small records only.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def observe(state: EmbodiedState, runtime: Runtime[EmbodiedContext]) -> dict:
     try:
         if "view" not in state:
             episode.look_around()
-        else:  # something surprised the plan: learn more of the room before planning again
+        if "view" in state or not episode.map.things():
+            # a surprise, or nothing in sight yet: walk toward cells not seen until something new shows
             episode.explore()
     except EpisodeOver:
         pass
