@@ -1,0 +1,228 @@
+"""One thread owns the backbone's decode loop; requests from any thread share its batch.
+
+Each step admits waiting requests (a prefill each, on its own), then runs ONE forward for all
+running rows, picks each row's next token with that row's own logits processors, streamer and
+stopping criteria, and retires finished rows at once, so a new request joins on the next step
+instead of waiting for the batch to drain (continuous batching).
+
+A row sees exactly what `transformers`' greedy `generate` would show it for a lone prompt given
+as `inputs_embeds`: processors and stopping criteria get (1, generated ids so far) and (1, vocab)
+float32 scores; a streamer gets an empty prompt first, then each token, then `end()`. So the
+tokens are those of a lone `generate`, up to float rounding in the batched matmuls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from models.decoding.row_cache import RowCache
+from models.errors import SignalgraphError
+
+
+class DecodeCancelled(SignalgraphError):
+    """The request was cancelled before it finished."""
+
+
+class SchedulerClosed(SignalgraphError):
+    """The scheduler was closed; nothing more runs on it."""
+
+
+@dataclass
+class DecodeRequest:
+    embeds: torch.Tensor  # (prompt length, hidden): the spliced prompt
+    max_new_tokens: int
+    logits_processors: list = field(default_factory=list)  # called as p(ids (1, n), scores (1, V))
+    streamer: Any = None  # put(tensor) / end(), as transformers streamers
+    stopping_criteria: list = field(default_factory=list)  # c(ids, scores) -> bool tensor
+    cancel: threading.Event | None = None  # set it to stop the request; its future raises DecodeCancelled
+
+
+@dataclass
+class _Row:
+    request: DecodeRequest
+    future: Future
+    position: int = 0  # position id of the next token
+    tokens: list[int] = field(default_factory=list)
+
+
+class DecodeScheduler:
+    """Continuous-batching greedy decoding over one causal LM.
+
+    model: a transformers causal LM (a peft wrapper works too), in the dtype it decodes in.
+    stop_ids: tokens that end a row (the token itself is the last one returned).
+    max_batch: the most rows decoded together; more requests wait their turn.
+    on_step: called after each step with the number of rows that stepped (for benchmarks).
+    """
+
+    def __init__(self, model, *, stop_ids: Iterable[int], max_batch: int = 16,
+                 on_step: Callable[[int], None] | None = None):
+        self.model = model
+        self.stop_ids = frozenset(int(i) for i in stop_ids)
+        self.max_batch = max_batch
+        self.on_step = on_step
+        self._waiting: deque[_Row] = deque()
+        self._running: list[_Row] = []
+        self._cache: RowCache | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._keep_logits = "logits_to_keep" in _forward_parameters(model)
+
+    # --- the caller's side ----------------------------------------------------------------------
+
+    def submit(self, request: DecodeRequest) -> Future:
+        """Queue a request; the future's result is the new token ids (a stop token ends them)."""
+        if request.embeds.dim() != 2:
+            raise ValueError(f"a request's embeds must be (length, hidden), got {tuple(request.embeds.shape)}")
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the decode scheduler is closed; build a new one")
+            self._waiting.append(_Row(request, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="signalgraph-decode", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        """Stop the loop; waiting and running requests fail with SchedulerClosed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.no_grad():  # grad mode is per thread: the caller's no_grad does not reach here
+            while True:
+                with self._cond:
+                    while not self._closed and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._closed:
+                        self._fail_all(SchedulerClosed("the decode scheduler was closed"))
+                        return
+                    admitted = []
+                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                        admitted.append(self._waiting.popleft())
+                for row in admitted:
+                    if row.future.set_running_or_notify_cancel():
+                        self._admit(row)
+                self._drop_cancelled()
+                if self._running:
+                    self._step()
+
+    def _fail_all(self, error: Exception) -> None:
+        for row in [*self._waiting, *self._running]:
+            if not row.future.done() and (row.future.running() or row.future.set_running_or_notify_cancel()):
+                row.future.set_exception(error)
+        self._waiting.clear()
+        self._running = []
+        self._cache = None
+
+    def _admit(self, row: _Row) -> None:
+        """Prefill one request on its own, pick its first token, and add it to the batch."""
+        request = row.request
+        if request.cancel is not None and request.cancel.is_set():
+            row.future.set_exception(DecodeCancelled("the generation was cancelled"))
+            return
+        embeds = request.embeds.unsqueeze(0)
+        n = embeds.shape[1]
+        try:
+            kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
+            out = self.model(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long,
+                                                                              device=embeds.device),
+                             position_ids=torch.arange(n, device=embeds.device).unsqueeze(0),
+                             use_cache=True, **kwargs)
+            if request.streamer is not None:
+                request.streamer.put(torch.empty(1, 0, dtype=torch.long))  # the prompt: no ids, only embeds
+            row.position = n
+            if self._choose(row, out.logits[0, -1]):
+                return
+            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the batch's
+            row.future.set_exception(exc)
+            return
+        if self._cache is None:
+            self._cache = RowCache(len(layers))
+        self._cache.add(layers)
+        self._running.append(row)
+
+    def _step(self) -> None:
+        """One forward for every running row, then each row's own token choice."""
+        cache = self._cache
+        device = cache.valid.device
+        tokens = torch.tensor([[row.tokens[-1]] for row in self._running], device=device)
+        positions = torch.tensor([[row.position] for row in self._running], device=device)
+        try:
+            kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
+            out = self.model(input_ids=tokens, position_ids=positions, attention_mask=cache.step_mask(),
+                             past_key_values=cache, use_cache=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a failed forward leaves the batch's cache unusable
+            for row in self._running:
+                row.future.set_exception(exc)
+            self._running = []
+            self._cache = None
+            return
+        cache.advance()
+        if self.on_step is not None:
+            self.on_step(len(self._running))
+        keep = []
+        for index, row in enumerate(self._running):
+            row.position += 1
+            try:
+                finished = self._choose(row, out.logits[index, -1])
+            except Exception as exc:  # noqa: BLE001 - one row's processor or streamer failed
+                row.future.set_exception(exc)
+                finished = True
+            if not finished:
+                keep.append(index)
+        if len(keep) != len(self._running):
+            self._running = [self._running[i] for i in keep]
+            cache.keep(keep)
+
+    def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Pick the row's next token; True (and the future resolved) when the row is finished."""
+        request = row.request
+        scores = logits.to(copy=True, dtype=torch.float32).unsqueeze(0)
+        ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device).reshape(1, -1)
+        for processor in request.logits_processors:
+            scores = processor(ids, scores)
+        token = int(torch.argmax(scores, dim=-1))
+        row.tokens.append(token)
+        if request.streamer is not None:
+            request.streamer.put(torch.tensor([token]))
+        ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
+        stopped = [bool(criterion(ids, scores).any()) for criterion in request.stopping_criteria]
+        if token in self.stop_ids or len(row.tokens) >= request.max_new_tokens or any(stopped):
+            if request.streamer is not None:
+                request.streamer.end()
+            row.future.set_result(row.tokens)
+            return True
+        return False
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for index, row in enumerate(self._running):
+            if row.request.cancel is not None and row.request.cancel.is_set():
+                row.future.set_exception(DecodeCancelled("the generation was cancelled"))
+            else:
+                keep.append(index)
+        if len(keep) != len(self._running):
+            self._running = [self._running[i] for i in keep]
+            self._cache.keep(keep)
+
+
+def _forward_parameters(model) -> set[str]:
+    """The keyword arguments the underlying causal LM's forward takes (through a peft wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
