@@ -1,0 +1,179 @@
+"""`signalgraph bench load`: many concurrent streaming sessions against a real `signalgraph serve`.
+
+Bounded in time and turns, loopback only. Each session writes a nonce of its own into every turn;
+a fault is any 5xx, any error sent inside a stream, a reply or stored history that holds another
+session's nonce, or a stored history that is not exactly the turns the session sent. The server's
+resident memory is sampled throughout: start, peak, end and the slope over the run say whether it
+is stable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.bench_serving import ServeProcess, session_turns, stream_turn, stream_turn_async
+
+MiB = 2**20
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def _slope_mib_per_min(samples: list[tuple[float, int]]) -> float:
+    """Least-squares slope of RSS over time, after the first tenth (allocator warm-up)."""
+    tail = samples[len(samples) // 10:]
+    if len(tail) < 3:
+        return 0.0
+    t = np.array([s[0] for s in tail])
+    rss = np.array([s[1] for s in tail]) / MiB
+    return round(float(np.polyfit(t, rss, 1)[0] * 60), 3)
+
+
+async def _drive(server: ServeProcess, sessions: int, seconds: float, max_turns: int | None,
+                 sample_every: float, progress: bool) -> dict:
+    import httpx
+    from tqdm import tqdm
+
+    nonces = [secrets.token_hex(4) for _ in range(sessions)]
+    names = [f"load-{i}-{n}" for i, n in enumerate(nonces)]
+    sent: dict[str, list[str]] = {name: [] for name in names}
+    turns: list[dict] = []
+    samples: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    deadline = start + seconds
+    counter = {"left": max_turns if max_turns is not None else float("inf")}
+
+    def foreign(text: str, own: str) -> list[str]:
+        return [n for n in nonces if n != own and n in text]
+
+    async def session(index: int, client: httpx.AsyncClient) -> None:
+        name, nonce = names[index], nonces[index]
+        k = 0
+        while time.perf_counter() < deadline and counter["left"] > 0:
+            counter["left"] -= 1
+            text = f"Session {nonce}, turn {k}: please repeat the code {nonce}-{k}."
+            sent[name].append(text)
+            try:
+                turn = await stream_turn_async(client, server.url, server.model, name, text)
+                record = {"session": index, "status": turn.status, "seconds": turn.seconds,
+                          "first_token_s": turn.first_token_s, "error": turn.error, "finished": turn.finished,
+                          "leaked": foreign(turn.text, nonce), "wrong_session": turn.session != name}
+            except httpx.HTTPError as exc:  # a dropped connection is a fault too, not a crash of the driver
+                record = {"session": index, "status": 0, "seconds": 0.0, "first_token_s": None,
+                          "error": f"{type(exc).__name__}: {exc}", "finished": False, "leaked": [],
+                          "wrong_session": False}
+            record["at"] = time.perf_counter() - start
+            turns.append(record)
+            k += 1
+
+    async def sampler() -> None:
+        with tqdm(total=round(seconds), desc=f"load: {sessions} sessions", unit="s", disable=not progress) as bar:
+            while time.perf_counter() < deadline and counter["left"] > 0:
+                now = time.perf_counter() - start
+                samples.append((now, server.rss()))
+                bar.n = min(round(now), bar.total)
+                bar.set_postfix(turns=len(turns), rss=f"{samples[-1][1] / MiB:.0f}MiB", refresh=True)
+                await asyncio.sleep(sample_every)
+
+    limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=30)) as client:
+        await asyncio.gather(sampler(), *(session(i, client) for i in range(sessions)))
+    samples.append((time.perf_counter() - start, server.rss()))
+    return {"nonces": nonces, "names": names, "sent": sent, "turns": turns, "samples": samples,
+            "wall_s": time.perf_counter() - start}
+
+
+def _check_histories(server: ServeProcess, run: dict) -> tuple[list[str], list[str]]:
+    """Each stored history must be exactly the turns its session sent, holding no other nonce."""
+    mismatched, leaked = [], []
+    for name, nonce in zip(run["names"], run["nonces"]):
+        stored = session_turns(server.url, name)
+        if [t["user"] for t in stored] != run["sent"][name]:
+            mismatched.append(name)
+        text = json.dumps([[t["user"], t["assistant"]] for t in stored])
+        if any(other != nonce and other in text for other in run["nonces"]):
+            leaked.append(name)
+    return mismatched, leaked
+
+
+def load_test(profile: str, work_dir: Path, *, sessions: int = 32, seconds: float = 120.0,
+              max_turns: int | None = None, sample_every: float = 1.0, progress: bool = True) -> dict:
+    """Run the load test against a fresh server; returns the figures (see the module doc)."""
+    work_dir = Path(work_dir)
+    server = ServeProcess(work_dir / f"load-{Path(profile).stem}", profile, queue=sessions)
+    try:
+        server.start()
+        ready_s = server.wait_ready()
+        stream_turn(server.url, server.model, "load-warm-up", "hello")  # first-use loading is not load
+        run = asyncio.run(_drive(server, sessions, seconds, max_turns, sample_every, progress))
+        mismatched, history_leaks = _check_histories(server, run)
+        alive = server.process.poll() is None
+    finally:
+        server.stop()
+    turns, samples = run["turns"], run["samples"]
+    ok = [t for t in turns if t["status"] == 200 and not t["error"] and t["finished"]]
+    statuses: dict[str, int] = {}
+    for t in turns:
+        statuses[str(t["status"])] = statuses.get(str(t["status"]), 0) + 1
+    rss = [s[1] for s in samples]
+    return {
+        "profile": server.model.removeprefix("signalgraph-"), "sessions": sessions, "seconds": seconds,
+        "ready_s": round(ready_s, 3), "wall_s": round(run["wall_s"], 3), "turns": len(turns), "ok_turns": len(ok),
+        "turns_per_s": round(len(ok) / run["wall_s"], 3), "statuses": statuses,
+        "server_errors": sum(1 for t in turns if t["status"] >= 500 or t["status"] == 0),
+        "stream_errors": sum(1 for t in turns if t["status"] == 200 and (t["error"] or not t["finished"])),
+        "reply_leaks": sum(1 for t in turns if t["leaked"] or t["wrong_session"]),
+        "history_mismatches": len(mismatched), "history_leaks": len(history_leaks),
+        "min_turns_per_session": min((len(v) for v in run["sent"].values()), default=0),
+        "latency_p50_s": _percentile([t["seconds"] for t in ok], 50),
+        "latency_p95_s": _percentile([t["seconds"] for t in ok], 95),
+        "first_token_p50_s": _percentile([t["first_token_s"] for t in ok if t["first_token_s"] is not None], 50),
+        "first_token_p95_s": _percentile([t["first_token_s"] for t in ok if t["first_token_s"] is not None], 95),
+        "rss_start_mib": round(rss[0] / MiB, 1), "rss_peak_mib": round(max(rss) / MiB, 1),
+        "rss_end_mib": round(rss[-1] / MiB, 1), "rss_slope_mib_per_min": _slope_mib_per_min(samples),
+        "server_alive": alive, "errors": sorted({t["error"] for t in turns if t["error"]})[:5],
+        "rss_samples": [(round(t, 2), round(r / MiB, 1)) for t, r in samples],
+    }
+
+
+def plot_rss(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, rss = zip(*result["rss_samples"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(t, rss)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("server RSS (MiB)")
+    ax.set_title(f"{result['sessions']} streaming sessions, {result['profile']} profile: "
+                 f"{result['rss_slope_mib_per_min']:+.1f} MiB/min")
+    ax.set_ylim(0, max(rss) * 1.1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def passed(result: dict) -> bool:
+    return (result["server_errors"] == 0 and result["stream_errors"] == 0 and result["reply_leaks"] == 0
+            and result["history_mismatches"] == 0 and result["history_leaks"] == 0 and result["server_alive"])
+
+
+def run(out: str, profile: str, *, sessions: int, seconds: float) -> int:
+    """`signalgraph bench load`: the test, then load.json and load_rss.png under `out`."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = load_test(profile, out_dir / "work", sessions=sessions, seconds=seconds)
+    (out_dir / "load.json").write_text(json.dumps(result, indent=1))
+    plot_rss(result, out_dir / "load_rss.png")
+    print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}, indent=1))
+    print("PASS" if passed(result) else "FAIL", f"(written to {out_dir / 'load.json'})")
+    return 0 if passed(result) else 1
