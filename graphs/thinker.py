@@ -91,7 +91,8 @@ class BackboneThinker:
         self.mm = mm
         self.cache = cache
         self.max_new_tokens = max_new_tokens
-        self._lock = threading.Lock()  # one generation at a time per model
+        # lazy projector loads only: generations from many threads share the model's decode scheduler
+        self._loading = threading.Lock()
 
     def _readable(self, media: list[dict]) -> dict[str, list]:
         """Media the backbone can read directly: only through trained input projectors."""
@@ -138,11 +139,11 @@ class BackboneThinker:
                                                     if isinstance(e, TextDelta)])
         repeat = _RepeatedCallStop(self.mm.backbone.tokenizer)
         streamer = _Both(streamer, repeat) if streamer else repeat
-        with self._lock:
+        with self._loading:
             readable = self._readable(media)
-            generation = self.mm.generate(chat, images=readable.get("image"), audios=readable.get("audio"),
-                                          max_new_tokens=self.max_new_tokens, logits_processors=processors,
-                                          streamer=streamer, stopping_criteria=[repeat])
+        generation = self.mm.generate(chat, images=readable.get("image"), audios=readable.get("audio"),
+                                      max_new_tokens=self.max_new_tokens, logits_processors=processors,
+                                      streamer=streamer, stopping_criteria=[repeat])
         parsed = parse_message(_drop_cut_call(generation.text))
         calls = [{"id": c.id, "name": c.name, "args": c.arguments} for c in parsed.tool_calls]
         spans = [{"modality": s.modality, "key": self.cache.put(s.conditioning) if s.conditioning else None,

@@ -10,6 +10,7 @@ would hand the user noise (NExT-GPT #124), so that is an error naming what is mi
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,8 @@ class MMLLM(nn.Module):
         self._weights = self._read_weights(weights_dir)
         if self._weights:
             self._load_backbone_extras()
+        self._decoder = None
+        self._decoder_lock = threading.Lock()
 
     @classmethod
     def from_profile(cls, profile: ProfileSpec, *, require_trained: bool = True,
@@ -123,9 +126,9 @@ class MMLLM(nn.Module):
     def _load_backbone_extras(self) -> None:
         rows = self._weights.get("backbone.new_token_embeddings")
         if rows is not None:
-            ids = torch.tensor(self.backbone.new_token_ids)
+            ids = torch.tensor(self.backbone.new_token_ids, device=self.backbone.device)
             with torch.no_grad():
-                self.backbone.input_embeddings().weight[ids] = rows.to(self.backbone.dtype)
+                self.backbone.input_embeddings().weight[ids] = rows.to(self.backbone.input_embeddings().weight)
         lora = self._section("backbone.lora.")
         if lora:
             from peft import set_peft_model_state_dict
@@ -313,41 +316,53 @@ class MMLLM(nn.Module):
                                   max_new_tokens=max_new_tokens, logits_processors=logits_processors,
                                   streamer=streamer, stopping_criteria=stopping_criteria)[0]
 
+    @property
+    def decoder(self):
+        """The decode scheduler that every generation on this model shares (started on first use)."""
+        with self._decoder_lock:
+            if self._decoder is None:
+                from models.decoding import DecodeScheduler
+
+                tokenizer = self.backbone.tokenizer
+                eos = self.backbone.model.generation_config.eos_token_id
+                stops = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
+                self._decoder = DecodeScheduler(self.backbone.model, stop_ids={s for s in stops if s is not None})
+            self._decoder.model = self.backbone.model  # enable_lora wraps the model after load
+            return self._decoder
+
     @torch.no_grad()
     def generate_many(self, requests: list[tuple[list[dict], dict[str, list | None]]], *,
                       max_new_tokens: int | None = None, logits_processors: list | None = None, streamer=None,
                       stopping_criteria: list | None = None) -> list[Generation]:
-        """Greedy generation for several (messages, {modality: items}) at once, in one batch.
+        """Greedy generation for several (messages, {modality: items}), decoded together.
 
-        Prompts are left-padded so every row continues from its last real token; each row's
-        answer is the same as from `generate` alone (up to float rounding in the padded matmuls).
+        The rows join the model's decode scheduler, beside generations from other threads; each
+        row's answer is the same as from `generate` alone. Each row gets its own shallow copy of
+        the logits processors (they keep per-sequence state); a streamer follows one generation.
         """
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        import copy
 
+        from models.decoding import DecodeRequest
         from models.signal_decoding import SignalSpanProcessor
 
-        rows = []
+        if streamer is not None and len(requests) != 1:
+            raise ConfigError("a streamer follows one generation; stream with generate, one request at a time")
+        rows, futures = [], []
         for messages, given in requests:
             media = {m: items for m, items in given.items() if items}
             prompt_ids = self.backbone.chat_ids(self._prompt(messages, media))
             features = {m: self.project(m, self.encode(m, items)) for m, items in media.items()}
             embeds, token_map, _ = self.backbone.splice(prompt_ids, features)
             rows.append((embeds, token_map, None))
-        inputs = self.backbone.collate(rows, padding_side="left")
-        tokenizer = self.backbone.tokenizer
-        processor = SignalSpanProcessor(self.backbone.signal_ids)
-        generated = self.backbone.model.generate(
-            inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens or self.profile.backbone.max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            logits_processor=LogitsProcessorList([processor, *(logits_processors or [])]), streamer=streamer,
-            stopping_criteria=StoppingCriteriaList(stopping_criteria or []),
-        ).tolist()
-        stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+            processors = [copy.copy(p) if len(requests) > 1 else p for p in logits_processors or []]
+            futures.append(self.decoder.submit(DecodeRequest(
+                embeds, max_new_tokens or self.profile.backbone.max_new_tokens,
+                [SignalSpanProcessor(self.backbone.signal_ids), *processors], streamer, list(stopping_criteria or []))))
+        stop = self.decoder.stop_ids
         out = []
-        for row, new_ids in zip(rows, generated, strict=True):
-            # a finished row is padded to the longest; its answer ends at its first stop token
-            end = next((i for i, t in enumerate(new_ids) if t in stop), len(new_ids))
+        for row, future in zip(rows, futures, strict=True):
+            new_ids = future.result()
+            end = next((i for i, t in enumerate(new_ids) if t in stop), len(new_ids))  # the answer ends before it
             out.append(self._with_spans(self.backbone.collate([row], padding_side="left"), new_ids[:end]))
         return out
 

@@ -73,17 +73,14 @@ class RowCache(Cache):
             layer.v_buf = torch.cat([layer.v_buf, v_row])
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order), then drop columns that are padding in all of them."""
+        """Keep only these rows (at least one, in this order), then drop columns that are padding in all."""
         index = torch.tensor(rows, dtype=torch.long, device=self.valid.device)
         self.valid = self.valid.index_select(0, index)
         for layer in self.layers:
             layer.k_buf = layer.k_buf.index_select(0, index)
             layer.v_buf = layer.v_buf.index_select(0, index)
-        if not rows:
-            self.length = 0
-            return
         used = self.valid[:, :self.length].any(dim=0)
-        drop = int(used.int().argmax()) if bool(used.any()) else self.length
+        drop = int(used.int().argmax())
         if drop:
             self.valid = self.valid[:, drop:]
             for layer in self.layers:

@@ -26,6 +26,9 @@ from models.decoding.row_cache import RowCache
 from models.errors import SignalgraphError
 
 
+IDLE_EXIT_S = 2.0  # the loop's thread ends after this long with nothing to do; a submit starts it again
+
+
 class DecodeCancelled(SignalgraphError):
     """The request was cancelled before it finished."""
 
@@ -106,8 +109,11 @@ class DecodeScheduler:
         with torch.no_grad():  # grad mode is per thread: the caller's no_grad does not reach here
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._running:
-                        self._cond.wait()
+                    if not self._closed and not self._waiting and not self._running:
+                        self._cond.wait(timeout=IDLE_EXIT_S)
+                    if not self._closed and not self._waiting and not self._running:
+                        self._thread = None  # idle: let the model go when nothing else holds it
+                        return
                     if self._closed:
                         self._fail_all(SchedulerClosed("the decode scheduler was closed"))
                         return
@@ -187,8 +193,7 @@ class DecodeScheduler:
             if not finished:
                 keep.append(index)
         if len(keep) != len(self._running):
-            self._running = [self._running[i] for i in keep]
-            cache.keep(keep)
+            self._retire(keep)
 
     def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
         """Pick the row's next token; True (and the future resolved) when the row is finished."""
@@ -218,8 +223,15 @@ class DecodeScheduler:
             else:
                 keep.append(index)
         if len(keep) != len(self._running):
-            self._running = [self._running[i] for i in keep]
+            self._retire(keep)
+
+    def _retire(self, keep: list[int]) -> None:
+        """Keep only these running rows; an empty batch frees its cache."""
+        self._running = [self._running[i] for i in keep]
+        if self._running:
             self._cache.keep(keep)
+        else:
+            self._cache = None
 
 
 def _forward_parameters(model) -> set[str]:

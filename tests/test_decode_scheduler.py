@@ -1,0 +1,195 @@
+"""The decode scheduler: rows decoded together give each request the tokens a lone `generate` gives.
+
+The backbone is the tiny profile's with larger random weights (conftest's `chaotic_mm`), so rows
+write varied tokens and a mix-up between rows would show. The reference is transformers' own greedy
+`generate` on one prompt at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from models.constrained_decoding import ToolCallConstraint, tool_call_prefix
+from models.decoding import DecodeCancelled, DecodeRequest, DecodeScheduler
+from models.signal_decoding import SignalSpanProcessor
+
+TOOLS = [{"name": "transcribe", "description": "Speech to text.",
+          "parameters": {"type": "object", "properties": {"audio_id": {"type": "string", "maxLength": 6}},
+                         "required": ["audio_id"]}}]
+QUESTIONS = ["hi", "What is in this picture, and why is it there?", "Draw a red circle.",
+             "Tell me a long story about a fox who learns to read the stars at night."]
+
+
+def embeds(mm, text: str) -> torch.Tensor:
+    return mm.backbone.splice(mm.backbone.chat_ids([{"role": "user", "content": text}]), {})[0]
+
+
+def stops(mm) -> set[int]:
+    tokenizer = mm.backbone.tokenizer
+    return {tokenizer.eos_token_id, tokenizer.pad_token_id, mm.backbone.model.generation_config.eos_token_id}
+
+
+def answer(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """Up to and including the first stop token: what both decoders agree to return."""
+    end = next((i + 1 for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    return tokens[:end]
+
+
+def lone(mm, prompt: torch.Tensor, processors: list, max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate on this one prompt."""
+    with torch.no_grad():
+        out = mm.backbone.model.generate(
+            inputs_embeds=prompt[None], attention_mask=torch.ones(1, prompt.shape[0], dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=mm.backbone.tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList(processors))
+    return answer(out[0].tolist(), stops(mm))
+
+
+class ForceAt:
+    """Writes `token` as the `step`-th new token: makes the random model open a signal span."""
+
+    def __init__(self, step: int, token: int):
+        self.step, self.token = step, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.step:
+            scores[:] = float("-inf")
+            scores[:, self.token] = 0.0
+        return scores
+
+
+class FailAt:
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.step:
+            raise RuntimeError("a processor failed")
+        return scores
+
+
+class Collect:
+    """A streamer that keeps what it is given; `seen` is set once `after` tokens came."""
+
+    def __init__(self, after: int = 1):
+        self.ids: list[int] = []
+        self.prompts = 0
+        self.ended = False
+        self.after = after
+        self.seen = threading.Event()
+
+    def put(self, value):
+        if value.numel() == 0:
+            self.prompts += 1
+            return
+        self.ids += value.flatten().tolist()
+        if len(self.ids) >= self.after:
+            self.seen.set()
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.fixture
+def scheduler(chaotic_mm):
+    steps: list[int] = []
+    scheduler = DecodeScheduler(chaotic_mm.backbone.model, stop_ids=stops(chaotic_mm), on_step=steps.append)
+    scheduler.steps = steps
+    yield scheduler
+    scheduler.close()
+
+
+def test_batched_rows_of_different_lengths_match_lone_generation(chaotic_mm, scheduler):
+    prompts = [embeds(chaotic_mm, q) for q in QUESTIONS]
+    assert len({p.shape[0] for p in prompts}) == len(prompts)
+    span = SignalSpanProcessor(chaotic_mm.backbone.signal_ids)
+    futures = [scheduler.submit(DecodeRequest(p, 24, [span])) for p in prompts]
+    got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
+    assert got == [lone(chaotic_mm, p, [span], 24) for p in prompts]
+    assert max(scheduler.steps) == len(prompts)  # decoded together, not one after another
+
+
+def test_requests_join_while_others_decode(chaotic_mm, scheduler):
+    first = Collect(after=6)
+    long = scheduler.submit(DecodeRequest(embeds(chaotic_mm, QUESTIONS[3]), 40, [], first))
+    assert first.seen.wait(timeout=60)
+    late = [scheduler.submit(DecodeRequest(embeds(chaotic_mm, q), 12)) for q in QUESTIONS[:3]]
+    assert answer(long.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, embeds(chaotic_mm, QUESTIONS[3]), [], 40)
+    for q, future in zip(QUESTIONS[:3], late):
+        assert answer(future.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, embeds(chaotic_mm, q), [], 12)
+    assert max(scheduler.steps) > 1  # the late rows joined the long one's batch
+
+
+def test_a_tool_call_row_beside_free_text_and_signal_span_rows(chaotic_mm, scheduler):
+    backbone = chaotic_mm.backbone
+    vocab = backbone.input_embeddings().weight.shape[0]
+    image = backbone.signal_ids["image"]
+
+    def processors(kind: str) -> list:
+        span = SignalSpanProcessor(backbone.signal_ids)
+        if kind == "tool":
+            return [span, ToolCallConstraint(backbone.tokenizer, TOOLS, force_tool_call=True, vocab_size=vocab,
+                                             banned_token_ids=backbone.new_token_ids)]
+        if kind == "signal":
+            return [ForceAt(2, image[0]), span]
+        return [span]
+
+    kinds = ["tool", "text", "signal"]
+    prompts = [embeds(chaotic_mm, q) for q in QUESTIONS[:3]]
+    futures = [scheduler.submit(DecodeRequest(p, 48, processors(k))) for p, k in zip(prompts, kinds)]
+    got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
+    assert got == [lone(chaotic_mm, p, processors(k), 48) for p, k in zip(prompts, kinds)]
+    call = backbone.tokenizer.decode(got[0], skip_special_tokens=True)
+    assert call.startswith(tool_call_prefix("transcribe"))
+    if call.endswith("</tool_call>"):
+        json.loads(call[len("<tool_call>"):-len("</tool_call>")])
+    assert got[2][2:2 + len(image)] == image  # the whole span, in order
+    assert not any(t in got[0] + got[1] for t in image)
+
+
+def test_a_failing_or_cancelled_row_leaves_the_others_alone(chaotic_mm, scheduler):
+    prompts = [embeds(chaotic_mm, q) for q in QUESTIONS]
+    cancel = threading.Event()
+    watched = Collect(after=3)
+    failing = scheduler.submit(DecodeRequest(prompts[0], 30, [FailAt(4)]))
+    cancelled = scheduler.submit(DecodeRequest(prompts[1], 30, [], watched, cancel=cancel))
+    healthy = [scheduler.submit(DecodeRequest(p, 30)) for p in prompts[2:]]
+    assert watched.seen.wait(timeout=60)
+    cancel.set()
+    with pytest.raises(RuntimeError, match="a processor failed"):
+        failing.result(timeout=60)
+    with pytest.raises(DecodeCancelled):
+        cancelled.result(timeout=60)
+    for prompt, future in zip(prompts[2:], healthy):
+        assert answer(future.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, prompt, [], 30)
+    # and the scheduler goes on serving
+    assert answer(scheduler.submit(DecodeRequest(prompts[0], 8)).result(timeout=60), stops(chaotic_mm)) == \
+        lone(chaotic_mm, prompts[0], [], 8)
+
+
+def test_each_streamer_gets_its_own_rows_tokens(chaotic_mm, scheduler):
+    streamers = [Collect() for _ in QUESTIONS]
+    futures = [scheduler.submit(DecodeRequest(embeds(chaotic_mm, q), 16, [], s)) for q, s in zip(QUESTIONS, streamers)]
+    for future, streamer in zip(futures, streamers):
+        assert streamer.ids == future.result(timeout=60)
+        assert streamer.prompts == 1 and streamer.ended
+    assert len({tuple(s.ids) for s in streamers}) == len(streamers)
+
+
+def test_generation_from_many_threads_matches_one_at_a_time(chaotic_mm):
+    asked = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    alone = [chaotic_mm.generate(m, max_new_tokens=20).token_ids for m in asked]
+    together: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i, m=m: together.__setitem__(
+        i, chaotic_mm.generate(m, max_new_tokens=20).token_ids)) for i, m in enumerate(asked)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [together[i] for i in range(len(asked))] == alone
+    assert [g.token_ids for g in chaotic_mm.generate_many([(m, {}) for m in asked], max_new_tokens=20)] == alone
