@@ -70,13 +70,21 @@ def _parser() -> argparse.ArgumentParser:
     proof.add_argument("--install", action="store_true",
                        help="joint: write the weights to models/trained/local, for the local profile")
 
-    bench = commands.add_parser("bench", help="benchmarks against their baselines, written under --out")
-    bench.add_argument("suite", choices=["controller"])
+    bench = commands.add_parser("bench", help="benchmarks against their baselines, written under --out; without "
+                                              "a suite, the full report (report.md, report.json, plots)")
+    bench.add_argument("suite", nargs="?", choices=["controller", "load"],
+                       help="controller: the controller's figures alone; load: the load test alone")
     bench.add_argument("--out", default="results/bench")
-    bench.add_argument("--turns", type=int, default=50, help="turns for the overhead figure")
+    bench.add_argument("--turns", type=int, help="turns for the overhead figure (default 50; the report: 10, "
+                                                 "50 on tiny)")
     bench.add_argument("--prompts", type=int, default=120, help="prompts for the tool-call validity figure")
-    bench.add_argument("--only", action="append",
-                       choices=["overhead", "overhead-local", "validity", "parallel", "plan"])
+    bench.add_argument("--only", action="append", metavar="NAME",
+                       help="run only this part (repeatable): for the report decode, controller, retrieval, asr, "
+                            "cold-start, load; for controller overhead, overhead-local, validity, parallel, plan")
+    bench.add_argument("--quick", action="store_true", help="the report in small sizes (tiny profile unless "
+                                                            "--profile): a check that it runs, not figures")
+    bench.add_argument("--sessions", type=int, default=32, help="load: concurrent streaming sessions")
+    bench.add_argument("--seconds", type=float, default=120.0, help="load: how long new turns start")
 
     embodied = commands.add_parser("embodied", help="plan skills in BabyAI with the backbone, against a random "
                                                     "policy and the BabyAI bot")
@@ -117,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API; "
                                          "default $SIGNALGRAPH_API_KEY, else no key")
     serve.add_argument("--queue", type=int, default=8, help="requests that may wait while one runs; more get 429")
+    serve.add_argument("--max-concurrency", type=int, default=8,
+                       help="turns that run at once, their decoding batched on the backbone (default 8)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -163,9 +173,18 @@ def main(argv: list[str] | None = None) -> int:
                              install_weights=args.install)
             return proofs.seeing(out, **steps, test_questions=args.test_questions, resume=args.resume)
         if args.command == "bench":
-            from agent.bench import run
+            if args.suite == "controller":
+                from agent.bench import run
 
-            return run(args.out, turns=args.turns, prompts=args.prompts, only=args.only)
+                return run(args.out, turns=args.turns or 50, prompts=args.prompts, only=args.only)
+            if args.suite == "load":
+                from agent.bench_load import run
+
+                return run(args.out, args.profile or "local", sessions=args.sessions, seconds=args.seconds)
+            from agent.bench_report import run
+
+            return run(args.out, args.profile, only=args.only, quick=args.quick, turns=args.turns,
+                       sessions=args.sessions, seconds=args.seconds)
         if args.command == "plan":
             from agent.plan_commands import plan
 

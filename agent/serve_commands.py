@@ -12,6 +12,8 @@ from models.errors import ConfigError
 def serve(args) -> int:
     if args.queue < 0 or not 0 < args.port < 65536:
         raise ConfigError(f"--queue must be 0 or more and --port between 1 and 65535 (got {args.queue}, {args.port})")
+    if args.max_concurrency < 1:
+        raise ConfigError(f"--max-concurrency must be 1 or more (got {args.max_concurrency})")
     import uvicorn
 
     from agent.server import create_app
@@ -23,7 +25,7 @@ def serve(args) -> int:
     runtime = Runtime(config)
     try:
         print(f"loading the {runtime.profile.name} profile's backbone…", flush=True)
-        app = create_app(runtime, api_key=key, queue_size=args.queue)
+        app = create_app(runtime, api_key=key, queue_size=args.queue, max_concurrency=args.max_concurrency)
         where = f"http://{args.host}:{args.port}/"
         print(f"serving signalgraph-{runtime.profile.name}: web chat at {where}, OpenAI API at {where}v1"
               + (" (bearer token required)" if key else ""), flush=True)

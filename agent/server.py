@@ -14,8 +14,9 @@ Generated media come back as URLs in the reply, and the turn's media, trace and 
 (graphs.chat_model): the caller's tools are offered under constrained decoding and calls come back
 as `tool_calls`, not run; the caller holds that history, as with OpenAI.
 
-One turn runs at a time (the model is one); `queue_size` more wait, and beyond that the answer is
-429. Errors are OpenAI's error objects with the message of the real cause, never a traceback.
+Up to `max_concurrency` turns run at once (one at a time per session; the backbone batches their
+decoding); `queue_size` more wait, and beyond that the answer is 429. Errors are OpenAI's error
+objects with the message of the real cause, never a traceback.
 """
 
 from __future__ import annotations
@@ -60,20 +61,25 @@ _DRAIN_BYTES = 64 * 2**20  # read (and drop) this much of an oversized body, so 
 
 
 class TurnQueue:
-    """One job at a time on one worker thread; up to `size` more wait; beyond that, 429."""
+    """Up to `workers` jobs at once (the backbone batches their decoding); up to `size` more wait;
+    beyond that, 429. Jobs with the same key (a session) run one after another."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, workers: int = 1):
         self.size = size
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="signalgraph-turn")
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="signalgraph-turn")
         self._lock = threading.Lock()
         self._admitted = 0
+        self._keys: dict[str, threading.Lock] = {}
 
-    def submit(self, job: Callable[[], Any]) -> Future:
+    def submit(self, job: Callable[[], Any], key: str | None = None) -> Future:
         with self._lock:
-            if self._admitted > self.size:
-                raise ApiError(429, f"the server is busy: one turn is running and {self.size} are waiting; "
-                                    "try again shortly", code="queue_full")
+            if self._admitted >= self.size + self.workers:
+                raise ApiError(429, f"the server is busy: {self.workers} turn(s) are running and {self.size} are "
+                                    "waiting; try again shortly", code="queue_full")
             self._admitted += 1
+            if key is not None:
+                job = _one_at_a_time(self._keys.setdefault(key, threading.Lock()), job)
         future = self._executor.submit(job)
         future.add_done_callback(self._release)
         return future
@@ -83,15 +89,23 @@ class TurnQueue:
             self._admitted -= 1
 
 
+def _one_at_a_time(lock: threading.Lock, job: Callable[[], Any]) -> Callable[[], Any]:
+    def locked():
+        with lock:
+            return job()
+    return locked
+
+
 def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int = 8,
-               max_request_bytes: int | None = None) -> FastAPI:
+               max_request_bytes: int | None = None, max_concurrency: int = 1) -> FastAPI:
     """The app. `api_key`: require `Authorization: Bearer <key>` on /v1; `max_request_bytes`:
-    default one media file at the profile's byte limit, base64-encoded, plus 1 MiB."""
+    default one media file at the profile's byte limit, base64-encoded, plus 1 MiB;
+    `max_concurrency`: turns that run at once (`signalgraph serve` gives 8)."""
     limits = runtime.profile.limits
     body_limit = max_request_bytes or limits.max_bytes * 4 // 3 + 2**20
     model_id = f"signalgraph-{runtime.profile.name}"
     created = int(time.time())
-    queue = TurnQueue(queue_size)
+    queue = TurnQueue(queue_size, max_concurrency)
     runtime.controller  # built now, once: requests on several threads must not race to build it
     uploads = runtime.data_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
@@ -182,17 +196,17 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
         completion = _Completion(model_id)
         if req.tools and req.tool_choice != "none":
             job = await run_in_threadpool(_caller_tools_job, runtime, req, model_id)
-            headers = {}
+            headers, key = {}, None
         else:
             session = _session(request, req)
             prepared = await run_in_threadpool(_prepare_turn, runtime, req, session, uploads)
             job = _controller_job(runtime, session, prepared, lambda m: _media_item(request, session, m))
-            headers = {SESSION_HEADER: session}
+            headers, key = {SESSION_HEADER: session}, session
         if not req.stream:
-            future = queue.submit(lambda: job(None))
+            future = queue.submit(lambda: job(None), key)
             reply = await asyncio.wrap_future(future)
             return JSONResponse(completion.full(reply), headers=headers)
-        return _stream(queue, job, completion, headers)
+        return _stream(queue, job, completion, headers, key)
 
     return app
 
@@ -470,11 +484,12 @@ class _Completion:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def _stream(queue: TurnQueue, job: Callable, completion: _Completion, headers: dict) -> StreamingResponse:
+def _stream(queue: TurnQueue, job: Callable, completion: _Completion, headers: dict,
+            key: str | None) -> StreamingResponse:
     """SSE: the text as the backbone writes it, then links, tool calls, and the last chunk."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
-    future = queue.submit(lambda: job(lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)))
+    future = queue.submit(lambda: job(lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)), key)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, None))
 
     async def events():
