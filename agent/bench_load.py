@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.bench_serving import ServeProcess, session_turns, stream_turn, stream_turn_async
+from models.errors import ConfigError
 
 MiB = 2**20
 
@@ -106,6 +107,8 @@ def _check_histories(server: ServeProcess, run: dict) -> tuple[list[str], list[s
 def load_test(profile: str, work_dir: Path, *, sessions: int = 32, seconds: float = 120.0,
               max_turns: int | None = None, sample_every: float = 1.0, progress: bool = True) -> dict:
     """Run the load test against a fresh server; returns the figures (see the module doc)."""
+    if sessions < 1 or seconds <= 0:
+        raise ConfigError(f"the load test needs at least 1 session and some seconds (got {sessions}, {seconds:g})")
     work_dir = Path(work_dir)
     server = ServeProcess(work_dir / f"load-{Path(profile).stem}", profile, queue=sessions)
     try:
@@ -167,8 +170,11 @@ def passed(result: dict) -> bool:
             and result["history_mismatches"] == 0 and result["history_leaks"] == 0 and result["server_alive"])
 
 
-def run(out: str, profile: str, *, sessions: int, seconds: float) -> int:
+def run(out: str, profile: str | None, *, sessions: int, seconds: float) -> int:
     """`signalgraph bench load`: the test, then load.json and load_rss.png under `out`."""
+    import os
+
+    profile = profile or os.environ.get("SIGNALGRAPH_PROFILE") or "local"
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = load_test(profile, out_dir / "work", sessions=sessions, seconds=seconds)

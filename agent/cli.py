@@ -176,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.suite == "controller":
                 from agent.bench import run
 
+                from models.errors import ConfigError
+
+                parts = ["overhead", "overhead-local", "validity", "parallel", "plan"]
+                if set(args.only or []) - set(parts):
+                    raise ConfigError(f"bench controller --only takes {', '.join(parts)} (got {', '.join(args.only)})")
                 return run(args.out, turns=args.turns or 50, prompts=args.prompts, only=args.only)
             if args.suite == "load":
                 from agent.bench_load import run
 
-                return run(args.out, args.profile or "local", sessions=args.sessions, seconds=args.seconds)
+                return run(args.out, args.profile, sessions=args.sessions, seconds=args.seconds)
             from agent.bench_report import run
 
             return run(args.out, args.profile, only=args.only, quick=args.quick, turns=args.turns,
