@@ -3,7 +3,8 @@ a random policy and the BabyAI bot that ships with minigrid (the ceiling).
 
 Prints success rate, mean steps and planner calls per level and policy; writes `results.json`, a
 GIF per level of chosen episodes (the first few, and the first failure) with the plan beside the
-frames, and `comparison.png`, a bar chart of the three policies.
+frames, and `comparison.png`, a bar chart of the three policies. Levels run one command at a time
+into the same folder (same profile, seed and episodes) add up in `results.json` and the chart.
 """
 
 from __future__ import annotations
@@ -214,6 +215,20 @@ def _chart(summaries: dict[str, dict[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def _earlier(path: Path, profile: str, seed: int, episodes: int) -> dict:
+    """The report of an earlier run into the same folder with the same profile, seed and episodes,
+    so levels run one command at a time add up to one table and one chart; else a fresh report."""
+    fresh = {"profile": profile, "seed": seed, "episodes": episodes, "levels": {}}
+    if not path.exists():
+        return fresh
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return fresh
+    same = (report.get("profile"), report.get("seed"), report.get("episodes")) == (profile, seed, episodes)
+    return report if same else fresh
+
+
 def embodied(args) -> int:
     from tqdm.auto import tqdm
 
@@ -238,8 +253,8 @@ def embodied(args) -> int:
     def progress(items, desc):
         return tqdm(items, desc=desc, leave=False)
 
-    report: dict = {"profile": profile.name, "seed": args.seed, "levels": {}}
-    summaries: dict[str, dict[str, dict]] = {}
+    report = _earlier(out / "results.json", profile.name, args.seed, args.episodes)
+    summaries: dict[str, dict[str, dict]] = {lv: r["summary"] for lv, r in report["levels"].items()}
     for level, env in envs.items():
         ours, chosen = _signalgraph(env, level, seeds, thinker, args.gif, progress)
         runs = {"signalgraph": ours, "random": _random(env, seeds, progress, level),

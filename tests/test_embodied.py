@@ -292,3 +292,18 @@ def test_command_compares_policies_and_draws_episodes(tmp_path, capsys):
     assert gif.n_frames > 3 and gif.width > gif.height  # frames with the plan beside them
     assert Image.open(out / "comparison.png").format == "PNG"
 
+
+
+def test_levels_run_one_at_a_time_add_up(tmp_path):
+    import json
+
+    from agent.cli import main
+    from agent.embodied_commands import _earlier
+
+    out = tmp_path / "embodied"
+    run = ["--profile", "tiny", "embodied", "--episodes", "1", "--gif", "0", "--out", str(out)]
+    assert main([*run, "--env", "BabyAI-GoToObj-v0"]) == 0
+    assert main([*run, "--env", "BabyAI-OpenDoor-v0"]) == 0
+    levels = json.loads((out / "results.json").read_text())["levels"]
+    assert list(levels) == ["BabyAI-GoToObj-v0", "BabyAI-OpenDoor-v0"]
+    assert _earlier(out / "results.json", "tiny", 5, 1)["levels"] == {}  # another seed: a fresh report
