@@ -319,15 +319,16 @@ class MMLLM(nn.Module):
     @property
     def decoder(self):
         """The decode scheduler that every generation on this model shares (started on first use)."""
+        from models.decoding import DecodeScheduler, decode_model
+
         with self._decoder_lock:
             if self._decoder is None:
-                from models.decoding import DecodeScheduler
-
                 tokenizer = self.backbone.tokenizer
                 eos = self.backbone.model.generation_config.eos_token_id
                 stops = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
                 self._decoder = DecodeScheduler(self.backbone.model, stop_ids={s for s in stops if s is not None})
-            self._decoder.model = self.backbone.model  # enable_lora wraps the model after load
+            # LoRA merged for decoding; rebuilt after enable_lora or a training step changes the model
+            self._decoder.model = decode_model(self.backbone.model)
             return self._decoder
 
     @torch.no_grad()
@@ -347,6 +348,7 @@ class MMLLM(nn.Module):
 
         if streamer is not None and len(requests) != 1:
             raise ConfigError("a streamer follows one generation; stream with generate, one request at a time")
+        decoder = self.decoder
         rows, futures = [], []
         for messages, given in requests:
             media = {m: items for m, items in given.items() if items}
@@ -355,10 +357,10 @@ class MMLLM(nn.Module):
             embeds, token_map, _ = self.backbone.splice(prompt_ids, features)
             rows.append((embeds, token_map, None))
             processors = [copy.copy(p) if len(requests) > 1 else p for p in logits_processors or []]
-            futures.append(self.decoder.submit(DecodeRequest(
+            futures.append(decoder.submit(DecodeRequest(
                 embeds, max_new_tokens or self.profile.backbone.max_new_tokens,
                 [SignalSpanProcessor(self.backbone.signal_ids), *processors], streamer, list(stopping_criteria or []))))
-        stop = self.decoder.stop_ids
+        stop = decoder.stop_ids
         out = []
         for row, future in zip(rows, futures, strict=True):
             new_ids = future.result()

@@ -193,3 +193,36 @@ def test_generation_from_many_threads_matches_one_at_a_time(chaotic_mm):
         thread.join(timeout=60)
     assert [together[i] for i in range(len(asked))] == alone
     assert [g.token_ids for g in chaotic_mm.generate_many([(m, {}) for m in asked], max_new_tokens=20)] == alone
+
+
+def test_lora_is_merged_into_a_decode_copy_that_follows_training(tiny_profile):
+    from models.decoding import decode_model
+    from models.mmllm import MMLLM
+
+    mm = MMLLM.from_profile(tiny_profile, require_trained=False)
+    mm.backbone.enable_lora()
+    peft_model = mm.backbone.model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or p.dim() > 1:
+                p.normal_(0, 0.3)  # adapters that change the answer, on a backbone that writes varied text
+    query = peft_model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    merged = decode_model(peft_model)
+    assert torch.equal(peft_model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, query)
+    assert merged is not peft_model and not hasattr(merged, "peft_config")
+    base = peft_model.get_base_model()
+    assert merged.model.layers[0].mlp.up_proj.weight is base.model.layers[0].mlp.up_proj.weight  # shared
+    assert decode_model(peft_model) is merged  # nothing changed: the same copy
+    prompt = embeds(mm, QUESTIONS[1])
+    span = [SignalSpanProcessor(mm.backbone.signal_ids)]
+    before = mm.generate([{"role": "user", "content": QUESTIONS[1]}], max_new_tokens=20).token_ids
+    assert before == [t for t in lone(mm, prompt, span, 20) if t not in stops(mm)]  # peft's own generate
+    with torch.no_grad():  # a training step writes the adapters in place
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p))
+    assert decode_model(peft_model) is not merged
+    after = mm.generate([{"role": "user", "content": QUESTIONS[1]}], max_new_tokens=20).token_ids
+    assert after == [t for t in lone(mm, prompt, span, 20) if t not in stops(mm)]
+    assert after != before

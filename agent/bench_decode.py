@@ -1,0 +1,152 @@
+"""Decoding speed against its baselines, measured in one process on one prompt set.
+
+- single stream: `transformers`' greedy `generate` on the backbone as loaded (batch 1) against the
+  decode scheduler serving the same prompts one at a time (LoRA merged, a lean loop); greedy
+  drift is the share of prompts whose answer changed. A second row keeps the merged weights on
+  both sides, so it shows what the loop alone gains.
+- concurrent sessions: N requests submitted at once, decoded together, against the same N
+  requests served one after another by the same scheduler (aggregate tokens/s).
+
+    python -m agent.bench_decode [--profile local] [--sessions 1 2 4 8] [--tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+# Requests that ask for long answers, so that rows decode for most of the token budget.
+PROMPTS = [
+    "Tell me a long story about a fox who learns to read the stars.",
+    "Explain step by step how a bicycle works.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Describe a busy market in the morning, in detail.",
+    "Give me ten tips for learning to cook at home, with reasons.",
+    "Write a short essay on why people keep diaries.",
+    "Describe how bread is made, from wheat to loaf.",
+    "Tell me about the life of a lighthouse keeper.",
+]
+
+
+def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] = (1, 2, 4, 8),
+                      new_tokens: int = 48, prompts: list[str] | None = None) -> list[dict]:
+    """Rows {"benchmark", "setting", "value", "unit", "baseline", "ratio", ...} measured now."""
+    from tqdm import tqdm
+
+    from models.decoding import DecodeRequest, DecodeScheduler, decode_model
+    from models.mmllm import MMLLM
+    from models.profiles import load_profile
+    from models.signal_decoding import SignalSpanProcessor
+
+    prompts = list(prompts or PROMPTS)
+    if max(sessions) > len(prompts):
+        raise ValueError(f"{max(sessions)} sessions need as many prompts; {len(prompts)} given")
+    mm = MMLLM.from_profile(load_profile(profile_name))
+    backbone = mm.backbone
+    loaded = backbone.model
+    fast = decode_model(loaded)
+    stops = mm.decoder.stop_ids
+    embeds = [backbone.splice(backbone.chat_ids([{"role": "user", "content": p}]), {})[0] for p in prompts]
+
+    def cut(tokens: list[int]) -> list[int]:
+        return tokens[:next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+    def processors() -> list:
+        return [SignalSpanProcessor(backbone.signal_ids)]
+
+    def generate(model, prompt) -> list[int]:
+        from transformers import LogitsProcessorList
+
+        with torch.no_grad():
+            out = model.generate(inputs_embeds=prompt[None],
+                                 attention_mask=torch.ones(1, prompt.shape[0], dtype=torch.long),
+                                 max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=backbone.tokenizer.pad_token_id,
+                                 logits_processor=LogitsProcessorList(processors()))
+        return cut(out[0].tolist())
+
+    scheduler = DecodeScheduler(fast, stop_ids=stops, max_batch=max(sessions))
+
+    def scheduled(batch: list[torch.Tensor]) -> list[list[int]]:
+        futures = [scheduler.submit(DecodeRequest(p, new_tokens, processors())) for p in batch]
+        return [cut(f.result()) for f in futures]
+
+    def timed(fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        return result, time.perf_counter() - start
+
+    steps = ["warm-up", "generate, as loaded", "generate, merged", "scheduler, one at a time",
+             *[f"scheduler, {n} at once" for n in sessions]]
+    bar = tqdm(steps, desc="decode bench", unit="step")
+    bar.set_postfix_str(steps[0])
+    generate(loaded, embeds[0][:8]), generate(fast, embeds[0][:8]), scheduled([embeds[0][:8]])
+    bar.update()
+    n_single = max(sessions)
+    single = embeds[:n_single]
+    results = {}
+    for name, fn in (("plain", lambda p: generate(loaded, p)), ("merged", lambda p: generate(fast, p)),
+                     ("scheduled", lambda p: scheduled([p])[0])):
+        bar.set_postfix_str(name)
+        outs, times = [], []
+        for prompt in single:
+            out, seconds = timed(fn, prompt)
+            outs.append(out)
+            times.append(seconds)
+        results[name] = (outs, times)
+        bar.update()
+
+    def rate(name: str, n: int) -> float:
+        outs, times = results[name]
+        return sum(len(o) for o in outs[:n]) / sum(times[:n])
+
+    plain, merged, lone = (rate(k, n_single) for k in ("plain", "merged", "scheduled"))
+    drift = sum(a != b for a, b in zip(results["plain"][0], results["scheduled"][0])) / n_single
+    rows = [
+        {"benchmark": "single-stream decode", "setting": f"{profile_name}, batch 1, {n_single} prompts, "
+         f"≤{new_tokens} new tokens", "value": round(lone, 2), "unit": "tokens/s", "baseline": round(plain, 2),
+         "baseline_name": "transformers generate on the backbone as loaded", "ratio": round(lone / plain, 2),
+         "greedy_drift": round(drift, 3), "threads": torch.get_num_threads()},
+        {"benchmark": "single-stream decode, loop only", "setting": f"{profile_name}, batch 1, same merged weights",
+         "value": round(lone, 2), "unit": "tokens/s", "baseline": round(merged, 2),
+         "baseline_name": "transformers generate on the merged weights", "ratio": round(lone / merged, 2),
+         "greedy_drift": round(sum(a != b for a, b in zip(results["merged"][0], results["scheduled"][0]))
+                               / n_single, 3), "threads": torch.get_num_threads()},
+    ]
+    peak = {"rows": 0}
+    scheduler.on_step = lambda n: peak.__setitem__("rows", max(peak["rows"], n))
+    for n in sessions:
+        bar.set_postfix_str(f"{n} at once")
+        peak["rows"] = 0
+        outs, seconds = timed(scheduled, embeds[:n])
+        bar.update()
+        together = sum(len(o) for o in outs) / seconds
+        one_at_a_time = rate("scheduled", n)
+        rows.append({
+            "benchmark": "concurrent sessions", "setting": f"{profile_name}, {n} sessions, ≤{new_tokens} new tokens",
+            "value": round(together, 2), "unit": "tokens/s (all sessions)", "baseline": round(one_at_a_time, 2),
+            "baseline_name": "the same requests one at a time", "ratio": round(together / one_at_a_time, 2),
+            "vs_plain_generate": round(together / plain, 2), "peak_rows": peak["rows"],
+            "same_tokens_as_one_at_a_time": outs == results["scheduled"][0][:n],
+            "threads": torch.get_num_threads()})
+    bar.close()
+    scheduler.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.bench_decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="local")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per request at most")
+    args = parser.parse_args(argv)
+    for row in decode_benchmarks(args.profile, sessions=tuple(args.sessions), new_tokens=args.tokens):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
