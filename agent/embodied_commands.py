@@ -194,21 +194,29 @@ def _chart(summaries: dict[str, dict[str, dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     levels = list(summaries)
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(levels), 3.4), dpi=100)
     width = 0.8 / len(POLICIES)
     x = np.arange(len(levels))
     for i, policy in enumerate(POLICIES):
-        axes[0].bar(x + i * width, [100 * summaries[lv][policy]["success_rate"] for lv in levels], width, label=policy)
-        axes[1].bar(x + i * width, [summaries[lv][policy]["mean_steps"] for lv in levels], width, label=policy)
+        success = axes[0].bar(x + i * width, [100 * summaries[lv][policy]["success_rate"] for lv in levels], width,
+                              label=policy)
+        steps = axes[1].bar(x + i * width, [summaries[lv][policy]["mean_steps"] for lv in levels], width,
+                            label=policy)
+        axes[0].bar_label(success, fmt="%.0f", fontsize=6)
+        axes[1].bar_label(steps, fmt="%.0f", fontsize=6)
     for ax, title in zip(axes, ("success (%)", "mean steps (log scale)")):
         ax.set_title(title, fontsize=10)
         ax.set_xticks(x + width * (len(POLICIES) - 1) / 2)
         ax.set_xticklabels([lv.removeprefix("BabyAI-").removesuffix("-v0") for lv in levels], fontsize=8,
                            rotation=20)
-    axes[0].set_ylim(0, 105)
+    axes[0].set_ylim(0, 110)
     axes[1].set_yscale("log")  # a random walk takes tens of times the steps of a plan
+    axes[1].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axes[1].yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes[1].yaxis.set_minor_formatter(NullFormatter())
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(POLICIES), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
