@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -74,16 +75,25 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
         futures = [scheduler.submit(DecodeRequest(p, new_tokens, processors())) for p in batch]
         return [cut(f.result()) for f in futures]
 
+    # every side runs off the main thread, as the scheduler's loop does: on a busy machine the main
+    # thread's OpenMP team was measured stalling (20x slower) where worker threads were not
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-bench")
+
     def timed(fn, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        return result, time.perf_counter() - start
+        def run():
+            with torch.no_grad():
+                start = time.perf_counter()
+                result = fn(*args)
+                return result, time.perf_counter() - start
+        return worker.submit(run).result()
 
     steps = ["warm-up", "generate, as loaded", "generate, merged", "scheduler, one at a time",
              *[f"scheduler, {n} at once" for n in sessions]]
     bar = tqdm(steps, desc="decode bench", unit="step")
     bar.set_postfix_str(steps[0])
-    generate(loaded, embeds[0][:8]), generate(fast, embeds[0][:8]), scheduled([embeds[0][:8]])
+    for fn in (lambda: generate(loaded, embeds[0][:8]), lambda: generate(fast, embeds[0][:8]),
+               lambda: scheduled([embeds[0][:8]])):
+        timed(fn)
     bar.update()
     n_single = max(sessions)
     single = embeds[:n_single]
@@ -134,6 +144,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
             "threads": torch.get_num_threads()})
     bar.close()
     scheduler.close()
+    worker.shutdown()
     return rows
 
 

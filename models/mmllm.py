@@ -319,16 +319,17 @@ class MMLLM(nn.Module):
     @property
     def decoder(self):
         """The decode scheduler that every generation on this model shares (started on first use)."""
-        from models.decoding import DecodeScheduler, decode_model
+        from models.decoding import DecodeScheduler, PrefixCache, decode_model
 
         with self._decoder_lock:
             if self._decoder is None:
                 tokenizer = self.backbone.tokenizer
                 eos = self.backbone.model.generation_config.eos_token_id
                 stops = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
-                self._decoder = DecodeScheduler(self.backbone.model, stop_ids={s for s in stops if s is not None})
+                self._decoder = DecodeScheduler(self.backbone.model, stop_ids={s for s in stops if s is not None},
+                                                prefix_cache=PrefixCache())
             # LoRA merged for decoding; rebuilt after enable_lora or a training step changes the model
-            self._decoder.model = decode_model(self.backbone.model)
+            self._decoder.use(decode_model(self.backbone.model))
             return self._decoder
 
     @torch.no_grad()
@@ -338,7 +339,8 @@ class MMLLM(nn.Module):
         """Greedy generation for several (messages, {modality: items}), decoded together.
 
         The rows join the model's decode scheduler, beside generations from other threads; each
-        row's answer is the same as from `generate` alone. Each row gets its own shallow copy of
+        row's answer is the same as from `generate` alone, and a prompt that starts like an
+        earlier one (the session's last turn) reuses that one's keys and values. Each row gets its own shallow copy of
         the logits processors (they keep per-sequence state); a streamer follows one generation.
         """
         import copy
@@ -359,7 +361,8 @@ class MMLLM(nn.Module):
             processors = [copy.copy(p) if len(requests) > 1 else p for p in logits_processors or []]
             futures.append(decoder.submit(DecodeRequest(
                 embeds, max_new_tokens or self.profile.backbone.max_new_tokens,
-                [SignalSpanProcessor(self.backbone.signal_ids), *processors], streamer, list(stopping_criteria or []))))
+                [SignalSpanProcessor(self.backbone.signal_ids), *processors], streamer, list(stopping_criteria or []),
+                token_ids=token_map)))
         stop = decoder.stop_ids
         out = []
         for row, future in zip(rows, futures, strict=True):

@@ -226,3 +226,24 @@ def test_lora_is_merged_into_a_decode_copy_that_follows_training(tiny_profile):
     after = mm.generate([{"role": "user", "content": QUESTIONS[1]}], max_new_tokens=20).token_ids
     assert after == [t for t in lone(mm, prompt, span, 20) if t not in stops(mm)]
     assert after != before
+
+
+def test_a_prompt_that_starts_like_a_finished_one_reuses_its_keys_and_values(chaotic_mm):
+    from models.decoding import PrefixCache
+
+    prefixes = PrefixCache(min_reuse=8)
+    scheduler = DecodeScheduler(chaotic_mm.backbone.model, stop_ids=stops(chaotic_mm), prefix_cache=prefixes)
+    backbone = chaotic_mm.backbone
+    first_turn = [{"role": "user", "content": QUESTIONS[3]}]
+    ids = backbone.chat_ids(first_turn)
+    answered = scheduler.submit(DecodeRequest(embeds(chaotic_mm, QUESTIONS[3]), 12, token_ids=ids)).result(timeout=60)
+    reply = backbone.tokenizer.decode(answer(answered, stops(chaotic_mm)), skip_special_tokens=True)
+    second_turn = [*first_turn, {"role": "assistant", "content": reply}, {"role": "user", "content": QUESTIONS[0]}]
+    ids = backbone.chat_ids(second_turn)
+    prompt = backbone.splice(ids, {})[0]
+    again = scheduler.submit(DecodeRequest(prompt, 16, token_ids=ids)).result(timeout=60)
+    scheduler.close()
+    assert prefixes.stats["hits"] == 1 and prefixes.stats["reused_tokens"] >= len(backbone.chat_ids(first_turn))
+    assert answer(again, stops(chaotic_mm)) == lone(chaotic_mm, prompt, [], 16)
+    # spliced features end the key: nothing after the first feature position is reused
+    assert prefixes.lookup((*ids[:5], -1, *ids[6:]), limit=len(ids))[0] == 0

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+from transformers.cache_utils import DynamicCache
 
+from models.decoding.prefix_cache import PrefixCache, token_prefix
 from models.decoding.row_cache import RowCache
 from models.errors import SignalgraphError
 
@@ -45,6 +47,7 @@ class DecodeRequest:
     streamer: Any = None  # put(tensor) / end(), as transformers streamers
     stopping_criteria: list = field(default_factory=list)  # c(ids, scores) -> bool tensor
     cancel: threading.Event | None = None  # set it to stop the request; its future raises DecodeCancelled
+    token_ids: list[int] | None = None  # the prompt's id at each position (negative: spliced features), for reuse
 
 
 @dataclass
@@ -53,6 +56,7 @@ class _Row:
     future: Future
     position: int = 0  # position id of the next token
     tokens: list[int] = field(default_factory=list)
+    prefix: tuple[int, ...] = ()  # the prompt's leading token ids: its key in the prefix cache
 
 
 class DecodeScheduler:
@@ -62,11 +66,14 @@ class DecodeScheduler:
     stop_ids: tokens that end a row (the token itself is the last one returned).
     max_batch: the most rows decoded together; more requests wait their turn.
     on_step: called after each step with the number of rows that stepped (for benchmarks).
+    prefix_cache: where finished rows leave their keys and values, so that a prompt that starts
+        the same way prefills only the rest.
     """
 
     def __init__(self, model, *, stop_ids: Iterable[int], max_batch: int = 16,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, prefix_cache: PrefixCache | None = None):
         self.model = model
+        self.prefix_cache = prefix_cache
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.max_batch = max_batch
         self.on_step = on_step
@@ -80,6 +87,14 @@ class DecodeScheduler:
 
     # --- the caller's side ----------------------------------------------------------------------
 
+    def use(self, model) -> None:
+        """Decode with this model from the next step on; what the prefix cache holds came from
+        the old one, so it is dropped."""
+        if model is not self.model:
+            self.model = model
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+
     def submit(self, request: DecodeRequest) -> Future:
         """Queue a request; the future's result is the new token ids (a stop token ends them)."""
         if request.embeds.dim() != 2:
@@ -88,7 +103,7 @@ class DecodeScheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the decode scheduler is closed; build a new one")
-            self._waiting.append(_Row(request, future))
+            self._waiting.append(_Row(request, future, prefix=token_prefix(request.token_ids)))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="signalgraph-decode", daemon=True)
                 self._thread.start()
@@ -145,10 +160,17 @@ class DecodeScheduler:
         n = embeds.shape[1]
         try:
             kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
-            out = self.model(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long,
-                                                                              device=embeds.device),
-                             position_ids=torch.arange(n, device=embeds.device).unsqueeze(0),
-                             use_cache=True, **kwargs)
+            reused, past = 0, None
+            if self.prefix_cache is not None and row.prefix:
+                reused, layers = self.prefix_cache.lookup(row.prefix, limit=n - 1)  # prefill at least one
+                if layers is not None:
+                    past = DynamicCache()
+                    for index, (k, v) in enumerate(layers):
+                        past.update(k.clone(), v.clone(), index)
+            out = self.model(inputs_embeds=embeds[:, reused:],
+                             attention_mask=torch.ones(1, n, dtype=torch.long, device=embeds.device),
+                             position_ids=torch.arange(reused, n, device=embeds.device).unsqueeze(0),
+                             past_key_values=past, use_cache=True, **kwargs)
             if request.streamer is not None:
                 request.streamer.put(torch.empty(1, 0, dtype=torch.long))  # the prompt: no ids, only embeds
             row.position = n
@@ -192,8 +214,21 @@ class DecodeScheduler:
                 finished = True
             if not finished:
                 keep.append(index)
+            elif self.prefix_cache is not None and row.prefix and not row.future.exception():
+                self._remember(index, row)
         if len(keep) != len(self._running):
             self._retire(keep)
+
+    def _remember(self, index: int, row: _Row) -> None:
+        """Leave a finished row's keys and values in the prefix cache: its prompt's leading tokens,
+        and its answer too when the whole prompt was tokens."""
+        whole = len(row.prefix) == row.request.embeds.shape[0]
+        ids = row.prefix + tuple(row.tokens[:-1]) if whole else row.prefix  # the last token was never fed
+        cache = self._cache
+        start = cache.length - (row.request.embeds.shape[0] + len(row.tokens) - 1)
+        columns = slice(start, start + len(ids))
+        self.prefix_cache.store(ids, [(layer.k_buf[index:index + 1, :, columns].clone(),
+                                       layer.v_buf[index:index + 1, :, columns].clone()) for layer in cache.layers])
 
     def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
         """Pick the row's next token; True (and the future resolved) when the row is finished."""
