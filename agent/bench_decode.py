@@ -33,8 +33,11 @@ PROMPTS = [
 
 
 def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] = (1, 2, 4, 8),
-                      new_tokens: int = 48, prompts: list[str] | None = None) -> list[dict]:
-    """Rows {"benchmark", "setting", "value", "unit", "baseline", "ratio", ...} measured now."""
+                      new_tokens: int = 48, prompts: list[str] | None = None, quick: bool = False) -> list[dict]:
+    """Rows {"benchmark", "setting", "value", "unit", "baseline", "ratio", ...} measured now.
+    `quick`: 1 and 2 sessions, 8 new tokens (a check that it runs, not a measurement)."""
+    if quick:
+        sessions, new_tokens = (1, 2), 8
     from tqdm import tqdm
 
     from models.decoding import DecodeRequest, DecodeScheduler, decode_model
@@ -88,7 +91,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
         return worker.submit(run).result()
 
     steps = ["warm-up", "generate, as loaded", "generate, merged", "scheduler, one at a time",
-             *[f"scheduler, {n} at once" for n in sessions]]
+             *[f"scheduler, {n} at once" for n in sessions], "second turns"]
     bar = tqdm(steps, desc="decode bench", unit="step")
     bar.set_postfix_str(steps[0])
     for fn in (lambda: generate(loaded, embeds[0][:8]), lambda: generate(fast, embeds[0][:8]),
@@ -118,11 +121,11 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     rows = [
         {"benchmark": "single-stream decode", "setting": f"{profile_name}, batch 1, {n_single} prompts, "
          f"≤{new_tokens} new tokens", "value": round(lone, 2), "unit": "tokens/s", "baseline": round(plain, 2),
-         "baseline_name": "transformers generate on the backbone as loaded", "ratio": round(lone / plain, 2),
+         "baseline_unit": "tokens/s, transformers generate on the backbone as loaded", "ratio": round(lone / plain, 2),
          "greedy_drift": round(drift, 3), "threads": torch.get_num_threads()},
         {"benchmark": "single-stream decode, loop only", "setting": f"{profile_name}, batch 1, same merged weights",
          "value": round(lone, 2), "unit": "tokens/s", "baseline": round(merged, 2),
-         "baseline_name": "transformers generate on the merged weights", "ratio": round(lone / merged, 2),
+         "baseline_unit": "tokens/s, transformers generate on the merged weights", "ratio": round(lone / merged, 2),
          "greedy_drift": round(sum(a != b for a, b in zip(results["merged"][0], results["scheduled"][0]))
                                / n_single, 3), "threads": torch.get_num_threads()},
     ]
@@ -138,14 +141,58 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
         rows.append({
             "benchmark": "concurrent sessions", "setting": f"{profile_name}, {n} sessions, ≤{new_tokens} new tokens",
             "value": round(together, 2), "unit": "tokens/s (all sessions)", "baseline": round(one_at_a_time, 2),
-            "baseline_name": "the same requests one at a time", "ratio": round(together / one_at_a_time, 2),
+            "baseline_unit": "tokens/s, the same requests one at a time", "ratio": round(together / one_at_a_time, 2),
             "vs_plain_generate": round(together / plain, 2), "peak_rows": peak["rows"],
             "same_tokens_as_one_at_a_time": outs == results["scheduled"][0][:n],
             "threads": torch.get_num_threads()})
+    bar.set_postfix_str("second turns")
+    turns = min(4, n_single)
+    rows += _second_turns(mm, fast, prompts[:turns], results["scheduled"][0][:turns], new_tokens, timed, cut,
+                          processors)
+    bar.update()
     bar.close()
     scheduler.close()
     worker.shutdown()
     return rows
+
+
+def _second_turns(mm, model, prompts, answers, new_tokens, timed, cut, processors) -> list[dict]:
+    """A session's next turn with and without the keys and values its first turn left behind."""
+    from models.decoding import DecodeRequest, DecodeScheduler, PrefixCache
+
+    backbone = mm.backbone
+    stops = mm.decoder.stop_ids
+    turns = []
+    for prompt, answer in zip(prompts, answers):
+        first = [{"role": "user", "content": prompt}]
+        second = [*first, {"role": "assistant", "content": backbone.tokenizer.decode(answer, skip_special_tokens=True)},
+                  {"role": "user", "content": "Go on, and say more about that."}]
+        turns.append((backbone.chat_ids(first), backbone.chat_ids(second)))
+    measured = {}
+    for name, prefixes in (("cold", None), ("reused", PrefixCache())):
+        scheduler = DecodeScheduler(model, stop_ids=stops, prefix_cache=prefixes)
+
+        def run(ids, limit, scheduler=scheduler):
+            prompt = backbone.splice(ids, {})[0]
+            return cut(scheduler.submit(DecodeRequest(prompt, limit, processors(), token_ids=ids)).result())
+
+        first_token, answers_2 = 0.0, []
+        for first, second in turns:
+            if prefixes is not None:
+                run(first, new_tokens)  # the first turn, which leaves its keys and values
+            _, seconds = timed(run, second, 1)  # one token: a row that ends at once leaves nothing behind
+            first_token += seconds
+            answers_2.append(run(second, new_tokens))
+        scheduler.close()
+        measured[name] = (first_token / len(turns), answers_2)
+    cold, reused = measured["cold"][0], measured["reused"][0]
+    drift = sum(a != b for a, b in zip(measured["cold"][1], measured["reused"][1])) / len(turns)
+    length = sum(len(second) for _, second in turns) / len(turns)
+    return [{"benchmark": "second turn, time to first token", "setting": f"{mm.profile.name}, {len(turns)} sessions, "
+             f"second prompt ~{length:.0f} tokens", "value": round(reused * 1000, 1), "unit": "ms",
+             "baseline": round(cold * 1000, 1), "baseline_unit": "ms without the first turn's keys and values",
+             "ratio": round(cold / reused, 2), "ratio_means": "times faster", "greedy_drift": round(drift, 3),
+             "threads": torch.get_num_threads()}]
 
 
 def main(argv: list[str] | None = None) -> int:
