@@ -247,3 +247,26 @@ def test_a_prompt_that_starts_like_a_finished_one_reuses_its_keys_and_values(cha
     assert answer(again, stops(chaotic_mm)) == lone(chaotic_mm, prompt, [], 16)
     # spliced features end the key: nothing after the first feature position is reused
     assert prefixes.lookup((*ids[:5], -1, *ids[6:]), limit=len(ids))[0] == 0
+
+
+@pytest.mark.smoke
+def test_smollm2_rows_decoded_together_match_lone_generation():
+    from models.decoding import decode_model
+    from models.mmllm import MMLLM
+    from models.profiles import load_profile
+
+    mm = MMLLM.from_profile(load_profile("local"))
+    model = decode_model(mm.backbone.model)
+    scheduler = DecodeScheduler(model, stop_ids=stops(mm))
+    prompts = [embeds(mm, q) for q in ("What is the capital of France?", "Write a haiku about the sea.",
+                                       "List three colours and say why the sky is blue.")]
+    futures = [scheduler.submit(DecodeRequest(p, 16, [SignalSpanProcessor(mm.backbone.signal_ids)])) for p in prompts]
+    got = [answer(f.result(timeout=300), stops(mm)) for f in futures]
+    scheduler.close()
+    with torch.no_grad():
+        alone = [model.generate(inputs_embeds=p[None], attention_mask=torch.ones(1, p.shape[0], dtype=torch.long),
+                                max_new_tokens=16, do_sample=False, pad_token_id=mm.backbone.tokenizer.pad_token_id,
+                                logits_processor=LogitsProcessorList([SignalSpanProcessor(mm.backbone.signal_ids)]))
+                 for p in prompts]
+    assert got == [answer(a[0].tolist(), stops(mm)) for a in alone]
+    assert "Paris" in mm.backbone.tokenizer.decode(got[0])
