@@ -69,6 +69,12 @@ def mixed_lines(vqa: Path, draw_it: Path, schemas: list[dict], counts: dict[str,
     return lines
 
 
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def install(weights: Path, pipeline: Path, report: dict, dest: Path = INSTALL_DIR) -> Path:
     """The trained weights in fp16 (half the size; loading casts them back) and the generator."""
     import torch
@@ -85,7 +91,7 @@ def install(weights: Path, pipeline: Path, report: dict, dest: Path = INSTALL_DI
     return dest
 
 
-def joint(out: str, *, seeing_pt_steps: int = 300, drawing_pt_steps: int = 150, it_steps: int = 300,
+def joint(out: str, *, seeing_pt_steps: int = 300, drawing_pt_steps: int = 150, it_steps: int = 900,
           batch_size: int = 16, seeds: int = 4, test_questions: int = 1000, resume: bool = False,
           install_weights: bool = False, seed: int = 0) -> int:
     from agent.tool_requests import requests
@@ -148,7 +154,7 @@ def joint(out: str, *, seeing_pt_steps: int = 300, drawing_pt_steps: int = 150, 
                      "right_arguments": choosing["right_arguments"]},
         "it_data": counts, "it_steps": it_steps, "batch_size": batch_size,
         "trained_minutes": round(trained_minutes, 1), "total_minutes": round((time.perf_counter() - started) / 60, 1),
-        "trainable": {"it": tuned.stages["it"].counts}, "profile": str(tuned.profile),
+        "trainable": {"it": tuned.stages["it"].counts}, "profile": str(tuned.profile), "device": _device_name(),
     }
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "choosing.json").write_text(json.dumps(choosing["rows"], indent=1))
