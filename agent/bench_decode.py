@@ -91,7 +91,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
         return worker.submit(run).result()
 
     steps = ["warm-up", "generate, as loaded", "generate, merged", "scheduler, one at a time",
-             *[f"scheduler, {n} at once" for n in sessions], "second turns"]
+             *[f"scheduler, {n} at once" for n in sessions], "bf16", "second turns"]
     bar = tqdm(steps, desc="decode bench", unit="step")
     bar.set_postfix_str(steps[0])
     for fn in (lambda: generate(loaded, embeds[0][:8]), lambda: generate(fast, embeds[0][:8]),
@@ -145,6 +145,10 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
             "vs_plain_generate": round(together / plain, 2), "peak_rows": peak["rows"],
             "same_tokens_as_one_at_a_time": outs == results["scheduled"][0][:n],
             "threads": torch.get_num_threads()})
+    bar.set_postfix_str("bf16")
+    rows += _bf16_rows(loaded, stops, embeds[:n_single], new_tokens, timed, cut, processors, results, plain,
+                       profile_name)
+    bar.update()
     bar.set_postfix_str("second turns")
     turns = min(4, n_single)
     rows += _second_turns(mm, fast, prompts[:turns], results["scheduled"][0][:turns], new_tokens, timed, cut,
@@ -154,6 +158,44 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     scheduler.close()
     worker.shutdown()
     return rows
+
+
+def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, results, plain, profile_name):
+    """The same requests on a bf16 decode copy: one at a time and all at once, and what changed."""
+    from models.decoding import DecodeRequest, DecodeScheduler, decode_model
+
+    scheduler = DecodeScheduler(decode_model(loaded, torch.bfloat16), stop_ids=stops, max_batch=len(embeds))
+
+    def scheduled(batch):
+        futures = [scheduler.submit(DecodeRequest(p, new_tokens, processors())) for p in batch]
+        return [cut(f.result()) for f in futures]
+
+    timed(scheduled, [embeds[0][:8]])  # warm-up
+    alone, seconds = [], 0.0
+    for prompt in embeds:
+        out, spent = timed(scheduled, [prompt])
+        alone += out
+        seconds += spent
+    together, spent = timed(scheduled, embeds)
+    scheduler.close()
+    fp32_outs, fp32_times = results["scheduled"]
+    fp32_rate = sum(len(o) for o in fp32_outs) / sum(fp32_times)
+    lone = sum(len(o) for o in alone) / seconds
+    batched = sum(len(o) for o in together) / spent
+    drift = round(sum(a != b for a, b in zip(alone, fp32_outs)) / len(embeds), 3)
+    n = len(embeds)
+    return [
+        {"benchmark": "single-stream decode, bf16", "setting": f"{profile_name}, batch 1, {n} prompts",
+         "value": round(lone, 2), "unit": "tokens/s", "baseline": round(plain, 2),
+         "baseline_unit": "tokens/s, transformers generate on the backbone as loaded (fp32)",
+         "ratio": round(lone / plain, 2), "greedy_drift_vs_fp32": drift, "threads": torch.get_num_threads()},
+        {"benchmark": "concurrent sessions, bf16", "setting": f"{profile_name}, {n} sessions, ≤{new_tokens} new tokens",
+         "value": round(batched, 2), "unit": "tokens/s (all sessions)", "baseline": round(fp32_rate, 2),
+         "baseline_unit": "tokens/s, the same requests one at a time (fp32)", "ratio": round(batched / fp32_rate, 2),
+         "vs_bf16_one_at_a_time": round(batched / lone, 2), "vs_plain_generate": round(batched / plain, 2),
+         "greedy_drift_vs_fp32": drift, "same_tokens_as_one_at_a_time": together == alone,
+         "threads": torch.get_num_threads()},
+    ]
 
 
 def _second_turns(mm, model, prompts, answers, new_tokens, timed, cut, processors) -> list[dict]:

@@ -77,6 +77,9 @@ class MMLLM(nn.Module):
             self._load_backbone_extras()
         self._decoder = None
         self._decoder_lock = threading.Lock()
+        # the dtype generation decodes in (None: the backbone's). bfloat16 decodes a batch of rows
+        # for about the cost of one on CPUs with bf16 matrix units, and may change some answers
+        self.decode_dtype: torch.dtype | None = None
 
     @classmethod
     def from_profile(cls, profile: ProfileSpec, *, require_trained: bool = True,
@@ -329,7 +332,7 @@ class MMLLM(nn.Module):
                 self._decoder = DecodeScheduler(self.backbone.model, stop_ids={s for s in stops if s is not None},
                                                 prefix_cache=PrefixCache())
             # LoRA merged for decoding; rebuilt after enable_lora or a training step changes the model
-            self._decoder.use(decode_model(self.backbone.model))
+            self._decoder.use(decode_model(self.backbone.model, self.decode_dtype))
             return self._decoder
 
     @torch.no_grad()

@@ -223,6 +223,9 @@ def test_lora_is_merged_into_a_decode_copy_that_follows_training(tiny_profile):
             if "lora_B" in name:
                 p.add_(torch.randn_like(p))
     assert decode_model(peft_model) is not merged
+    half = decode_model(peft_model, torch.bfloat16)
+    assert half.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert base.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the model itself stays as it was
     after = mm.generate([{"role": "user", "content": QUESTIONS[1]}], max_new_tokens=20).token_ids
     assert after == [t for t in lone(mm, prompt, span, 20) if t not in stops(mm)]
     assert after != before

@@ -1,7 +1,7 @@
 """Decoding on the backbone: a continuous-batching scheduler over a KV cache of ragged rows, on
 a copy of the model with its LoRA adapters merged, reusing the keys and values of shared prefixes."""
 
-from models.decoding.merged_lora import decode_model
+from models.decoding.decode_copy import decode_model
 from models.decoding.prefix_cache import PrefixCache
 from models.decoding.scheduler import DecodeCancelled, DecodeRequest, DecodeScheduler, SchedulerClosed
 

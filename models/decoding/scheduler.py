@@ -156,7 +156,7 @@ class DecodeScheduler:
         if request.cancel is not None and request.cancel.is_set():
             row.future.set_exception(DecodeCancelled("the generation was cancelled"))
             return
-        embeds = request.embeds.unsqueeze(0)
+        embeds = request.embeds.unsqueeze(0).to(self._dtype())
         n = embeds.shape[1]
         try:
             kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
@@ -218,6 +218,9 @@ class DecodeScheduler:
                 self._remember(index, row)
         if len(keep) != len(self._running):
             self._retire(keep)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def _remember(self, index: int, row: _Row) -> None:
         """Leave a finished row's keys and values in the prefix cache: its prompt's leading tokens,
