@@ -7,8 +7,10 @@ write varied tokens and a mix-up between rows would show. The reference is trans
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -172,12 +174,29 @@ def test_a_failing_or_cancelled_row_leaves_the_others_alone(chaotic_mm, schedule
         lone(chaotic_mm, prompts[0], [], 8)
 
 
-def test_each_streamer_gets_its_own_rows_tokens(chaotic_mm, scheduler):
-    streamers = [Collect() for _ in QUESTIONS]
-    futures = [scheduler.submit(DecodeRequest(embeds(chaotic_mm, q), 16, [], s)) for q, s in zip(QUESTIONS, streamers)]
-    for future, streamer in zip(futures, streamers):
+OWNER = contextvars.ContextVar("owner", default=None)
+
+
+class Owned(Collect):
+    """Also notes whose context variables each token arrived in."""
+
+    def put(self, value):
+        self.owners = getattr(self, "owners", set()) | {OWNER.get()}
+        super().put(value)
+
+
+def test_each_streamer_gets_its_own_rows_tokens_in_its_submitters_context(chaotic_mm, scheduler):
+    streamers = [Owned() for _ in QUESTIONS]
+
+    def submit(index: int, question: str, streamer) -> Future:
+        OWNER.set(index)  # what a caller's context holds, e.g. LangGraph's stream writer
+        return scheduler.submit(DecodeRequest(embeds(chaotic_mm, question), 16, [], streamer))
+
+    futures = [contextvars.copy_context().run(submit, i, q, s) for i, (q, s) in enumerate(zip(QUESTIONS, streamers))]
+    for index, (future, streamer) in enumerate(zip(futures, streamers)):
         assert streamer.ids == future.result(timeout=60)
         assert streamer.prompts == 1 and streamer.ended
+        assert streamer.owners == {index}
     assert len({tuple(s.ids) for s in streamers}) == len(streamers)
 
 

@@ -13,6 +13,7 @@ tokens are those of a lone `generate`, up to float rounding in the batched matmu
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import threading
 from collections import deque
@@ -57,6 +58,8 @@ class _Row:
     position: int = 0  # position id of the next token
     tokens: list[int] = field(default_factory=list)
     prefix: tuple[int, ...] = ()  # the prompt's leading token ids: its key in the prefix cache
+    # the submitter's context variables (e.g. LangGraph's stream writer), for the row's callbacks
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
 
 class DecodeScheduler:
@@ -172,7 +175,7 @@ class DecodeScheduler:
                              position_ids=torch.arange(reused, n, device=embeds.device).unsqueeze(0),
                              past_key_values=past, use_cache=True, **kwargs)
             if request.streamer is not None:
-                request.streamer.put(torch.empty(1, 0, dtype=torch.long))  # the prompt: no ids, only embeds
+                row.context.run(request.streamer.put, torch.empty(1, 0, dtype=torch.long))  # the prompt: embeds only
             row.position = n
             if self._choose(row, out.logits[0, -1]):
                 return
@@ -234,7 +237,11 @@ class DecodeScheduler:
                                        layer.v_buf[index:index + 1, :, columns].clone()) for layer in cache.layers])
 
     def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Pick the row's next token; True (and the future resolved) when the row is finished."""
+        """Pick the row's next token; True (and the future resolved) when the row is finished.
+        The row's processors, streamer and criteria run in the context of the thread that submitted it."""
+        return row.context.run(self._choose_here, row, logits)
+
+    def _choose_here(self, row: _Row, logits: torch.Tensor) -> bool:
         request = row.request
         scores = logits.to(copy=True, dtype=torch.float32).unsqueeze(0)
         ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device).reshape(1, -1)
