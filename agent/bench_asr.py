@@ -53,5 +53,6 @@ def asr(profile_name: str, *, repeats: int = 3) -> dict:
             audio += len(samples) / rate
         texts[name] = transcript.text
     return {"profile": profile.name, "transcriber": f"{profile.transcriber.kind} {profile.transcriber.source}",
-            "clips": len(clips), "repeats": repeats, "audio_s": round(audio, 2), "processing_s": round(seconds, 3),
+            "clips": len(clips), "repeats": repeats, "audio_s": round(audio / repeats, 2),
+            "processing_s": round(seconds, 3),
             "rtf": round(seconds / audio, 4), "load_s": round(load_s, 2), "transcripts": texts}

@@ -28,8 +28,9 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def _slope_mib_per_min(samples: list[tuple[float, int]]) -> float:
-    """Least-squares slope of RSS over time, after the first tenth (allocator warm-up)."""
-    tail = samples[len(samples) // 10:]
+    """Least-squares slope of RSS over the second half of the run (the first half holds the
+    allocator's and the caches' warm-up); near zero when memory is stable."""
+    tail = samples[len(samples) // 2:]
     if len(tail) < 3:
         return 0.0
     t = np.array([s[0] for s in tail])

@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,8 +100,8 @@ def asr_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
     from agent.bench_asr import asr
 
     r = asr(profile, repeats=1 if quick else 3)
-    setting = f"{r['transcriber']}, {r['clips']} clip{'s' * (r['clips'] > 1)} x {r['repeats']}, " \
-              f"{r['audio_s']} s of audio"
+    setting = f"{r['transcriber']}, {r['clips']} clip{'s' * (r['clips'] > 1)} ({r['audio_s']} s of audio), " \
+              f"{r['repeats']} pass{'es' * (r['repeats'] > 1)}"
     return [_row("ASR real-time factor", setting, r["rtf"], "x audio duration", 1.0, r["rtf"],
                  baseline_unit="(real time)")], r
 
@@ -171,7 +172,7 @@ def _number(value) -> str:
 
 def _cells(row: dict) -> list[str]:
     if row["value"] is None:
-        return [row["benchmark"], row["setting"], "not measured", "—", "—"]
+        return [row["benchmark"], row["setting"], row.get("error") or "not measured", "—", "—"]
     value = f"{_number(row['value'])} {row['unit']}".strip()
     if row.get("note"):
         value += f" ({row['note']})"
@@ -241,9 +242,15 @@ def run(out: str, profile: str | None, *, only: list[str] | None = None, quick: 
             "cold-start": lambda: cold_start_rows(profile, work),
             "load": lambda: load_rows(profile, quick, work, sessions, seconds)}
     rows, raw, seconds_taken = [], {}, {}
+    failed = []
     for name in tqdm(chosen, desc="benchmarks", unit="suite"):
         start = time.perf_counter()
-        suite_rows, raw[name] = jobs[name]()
+        try:
+            suite_rows, raw[name] = jobs[name]()
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not lose the others' figures
+            failed.append(name)
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            suite_rows, raw[name] = [_row(name, "failed", None, "", error=message)], {"error": message}
         seconds_taken[name] = round(time.perf_counter() - start, 1)
         rows += suite_rows
         tqdm.write(f"== {name} ({seconds_taken[name]} s)\n" + table(suite_rows))
@@ -258,4 +265,6 @@ def run(out: str, profile: str | None, *, only: list[str] | None = None, quick: 
                                                      "seconds": seconds_taken, "rows": rows, "raw": raw,
                                                      "plots": plots}, indent=1, default=str))
     print(f"\n{header}\n\n{text}\n\nwritten to {out_dir / 'report.md'} (and report.json, {len(plots)} plots)")
-    return 0
+    if failed:
+        print(f"error: {', '.join(failed)} failed (see the table)", file=sys.stderr)
+    return 1 if failed else 0

@@ -48,3 +48,13 @@ def test_an_unknown_suite_is_a_one_line_error(tmp_path, capsys):
     assert main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: no benchmark suite named nope; choose from decode, controller, "
                                                "retrieval, asr, cold-start, load")
+
+
+def test_a_failing_benchmark_is_a_row_with_its_error_and_the_report_still_lands(tmp_path, capsys):
+    profile = tmp_path / "no-asr.yaml"
+    profile.write_text("extends: tiny\ntranscriber: null\n")
+    assert main(["--profile", str(profile), "bench", "--only", "asr", "--out", str(tmp_path / "out")]) == 1
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["rows"][0]
+    assert row["setting"] == "failed" and "has no transcriber" in row["error"]
+    assert "| asr | failed | ConfigError: profile 'no-asr' has no transcriber" in (tmp_path / "out" / "report.md").read_text()
+    assert capsys.readouterr().err.strip().endswith("error: asr failed (see the table)")
