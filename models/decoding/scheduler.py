@@ -138,12 +138,19 @@ class DecodeScheduler:
                     admitted = []
                     while self._waiting and len(self._running) + len(admitted) < self.max_batch:
                         admitted.append(self._waiting.popleft())
-                for row in admitted:
-                    if row.future.set_running_or_notify_cancel():
-                        self._admit(row)
-                self._drop_cancelled()
-                if self._running:
-                    self._step()
+                try:
+                    for row in admitted:
+                        if row.future.set_running_or_notify_cancel():
+                            self._admit(row)
+                    self._drop_cancelled()
+                    if self._running:
+                        self._step()
+                except Exception as exc:  # noqa: BLE001 - a fault in the loop itself: fail its rows, never hang them
+                    for row in [*admitted, *self._running]:
+                        if not row.future.done():
+                            row.future.set_exception(exc)
+                    self._running = []
+                    self._cache = None
 
     def _fail_all(self, error: Exception) -> None:
         for row in [*self._waiting, *self._running]:
