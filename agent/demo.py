@@ -156,8 +156,8 @@ def run_tour(profile_name: str | None, out: str) -> int:
 
 
 def _shapes_tour(runtime, path: str, colour: str, shape: str) -> None:
-    """The end-to-end path: the backbone sees an image through its trained input projector, and
-    draws through its signal tokens, output projector and generator (no tools offered)."""
+    """The end-to-end path, chosen by the backbone with every tool on offer: it sees an image through
+    its trained input projector, and draws through its signal tokens, output projector and generator."""
     from agent.runtime import trace_lines
 
     if runtime.profile.projector_weights is None:
@@ -167,7 +167,7 @@ def _shapes_tour(runtime, path: str, colour: str, shape: str) -> None:
                               ("Draw a red circle.", [])]:
         note = f"  [+ an easy-vqa test image: a {colour} {shape}]" if attachments else ""
         with _step(f"you: {text}{note}"):
-            result = runtime.controller.turn(f"demo-shapes-{len(attachments)}", text, attachments, tools=[])
+            result = runtime.controller.turn(f"demo-shapes-{len(attachments)}", text, attachments)
             print(f"   assistant: {result.text}")
             for item in result.media:
                 print(f"   [{item['kind']}] {item['id']}: {item['path']}")
