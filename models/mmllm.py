@@ -331,8 +331,10 @@ class MMLLM(nn.Module):
                 stops = {tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
                 self._decoder = DecodeScheduler(self.backbone.model, stop_ids={s for s in stops if s is not None},
                                                 prefix_cache=PrefixCache())
-            # LoRA merged for decoding; rebuilt after enable_lora or a training step changes the model
-            self._decoder.use(decode_model(self.backbone.model, self.decode_dtype))
+            # LoRA merged for decoding, rebuilt (and reused prefixes dropped) when training changes a weight:
+            # tensors count their in-place writes
+            version = sum(p._version for p in self.backbone.model.parameters())
+            self._decoder.use(decode_model(self.backbone.model, self.decode_dtype), version)
             return self._decoder
 
     @torch.no_grad()

@@ -269,6 +269,8 @@ def test_a_prompt_that_starts_like_a_finished_one_reuses_its_keys_and_values(cha
     assert answer(again, stops(chaotic_mm)) == lone(chaotic_mm, prompt, [], 16)
     # spliced features end the key: nothing after the first feature position is reused
     assert prefixes.lookup((*ids[:5], -1, *ids[6:]), limit=len(ids))[0] == 0
+    scheduler.use(scheduler.model, weights_version=1)  # trained weights: old keys and values no longer hold
+    assert prefixes.lookup(tuple(ids), limit=len(ids))[0] == 0
 
 
 @pytest.mark.smoke

@@ -76,6 +76,7 @@ class DecodeScheduler:
     def __init__(self, model, *, stop_ids: Iterable[int], max_batch: int = 16,
                  on_step: Callable[[int], None] | None = None, prefix_cache: PrefixCache | None = None):
         self.model = model
+        self._weights_version = 0
         self.prefix_cache = prefix_cache
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.max_batch = max_batch
@@ -90,11 +91,12 @@ class DecodeScheduler:
 
     # --- the caller's side ----------------------------------------------------------------------
 
-    def use(self, model) -> None:
-        """Decode with this model from the next step on; what the prefix cache holds came from
-        the old one, so it is dropped."""
-        if model is not self.model:
+    def use(self, model, weights_version: int = 0) -> None:
+        """Decode with this model from the next step on. A new model, or new weights (a changed
+        `weights_version`), make what the prefix cache holds stale, so it is dropped."""
+        if model is not self.model or weights_version != self._weights_version:
             self.model = model
+            self._weights_version = weights_version
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()
 
