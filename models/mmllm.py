@@ -345,8 +345,9 @@ class MMLLM(nn.Module):
 
         The rows join the model's decode scheduler, beside generations from other threads; each
         row's answer is the same as from `generate` alone, and a prompt that starts like an
-        earlier one (the session's last turn) reuses that one's keys and values. Each row gets its own shallow copy of
-        the logits processors (they keep per-sequence state); a streamer follows one generation.
+        earlier one (the session's last turn) reuses that one's keys and values. Each row gets its
+        own shallow copy of the logits processors (they keep per-sequence state); a streamer
+        follows one generation.
         """
         import copy
 
