@@ -50,7 +50,7 @@ class EmbodiedState(TypedDict, total=False):
     next: int  # index of the plan's next call
     failed: bool  # the last skill did not achieve what it should
     notes: Annotated[list[str], operator.add]  # what went wrong so far, shown to the planner
-    spent: Annotated[list[list[str]], operator.add]  # [skill, phrase] done without finishing the mission
+    spent: Annotated[list[list[str]], operator.add]  # [skill, *arguments] done without finishing the mission
     planner_calls: int
     outcome: str  # "success", "out of time", "out of planner calls", "nothing seen to act on"
     trace: Annotated[list[dict], operator.add]
@@ -177,7 +177,7 @@ def check(state: EmbodiedState, runtime: Runtime[EmbodiedContext]) -> dict:
     elif not state.get("failed") and state["next"] >= len(state["plan"]):
         update["notes"] = [f"The plan {', '.join(call_text(c) for c in state['plan'])} is done "
                            "but the mission is not."]
-        update["spent"] = [[c["name"], next(iter(c["args"].values()))] for c in state["plan"] if c["args"]]
+        update["spent"] = [[c["name"], *c["args"].values()] for c in state["plan"] if c["args"]]
     return update
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from langchain_core.tools import StructuredTool, ToolException
@@ -226,8 +226,12 @@ def _choice(values: list[str], description: str) -> tuple[Any, Any]:
     return Literal[tuple(values)], Field(description=description, json_schema_extra={"enum": values})
 
 
-def _skill(episode: Episode, name: str, description: str, func: Callable[..., dict], **fields) -> StructuredTool:
-    args = create_model(f"{name}_args", __config__=ConfigDict(extra="forbid"), **fields)
+def _skill(episode: Episode, name: str, description: str, func: Callable[..., dict], *,
+           any_of: list[dict] | None = None, **fields) -> StructuredTool:
+    # any_of: whole argument schemas, one of which must hold (the decoder follows them; the
+    # top-level properties stay for the signature the planner reads)
+    extra = (lambda schema: schema.update(anyOf=any_of)) if any_of else None
+    args = create_model(f"{name}_args", __config__=ConfigDict(extra="forbid", json_schema_extra=extra), **fields)
 
     def run(**kwargs) -> dict:
         start = episode.steps
@@ -250,15 +254,33 @@ def _bare(phrase: str) -> str:
     return name
 
 
-def build_skills(episode: Episode, spent: Iterable[tuple[str, str]] = ()) -> list[StructuredTool]:
+def _pairs(objects: list[str], targets: list[str], tried: dict[str, set[str]]) -> list[dict]:
+    """put_next_to's arguments as cases, so that no object is put again next to a target it was
+    already put next to: objects that may go next to the same targets share a case."""
+    cases: dict[tuple[str, ...], list[str]] = {}
+    for obj in objects:
+        allowed = tuple(t for t in targets if _bare(t) not in tried.get(_bare(obj), ()))
+        if allowed:
+            cases.setdefault(allowed, []).append(obj)
+    return [{"type": "object", "additionalProperties": False, "required": ["object", "next_to"],
+             "properties": {"object": {"type": "string", "enum": objs}, "next_to": {"type": "string", "enum": list(to)}}}
+            for to, objs in cases.items()]
+
+
+def build_skills(episode: Episode, spent: Iterable[Sequence[str]] = ()) -> list[StructuredTool]:
     """The skills that make sense now, their first argument limited to the objects seen so far.
 
-    `spent` holds (skill, phrase) pairs that were carried out without finishing the mission: that
-    object was the wrong choice for that skill, so it is not offered again, however it is named.
+    `spent` holds skill calls carried out without finishing the mission, as (skill, *arguments).
+    For one object, that object was the wrong choice for that skill, so it is not offered again,
+    however it is named; for put_next_to, the pair was wrong (either one may be right with another).
     """
     wrong: dict[str, set[str]] = {}
-    for skill, phrase in spent:
-        wrong.setdefault(skill, set()).add(_bare(phrase))
+    tried: dict[str, set[str]] = {}  # put_next_to: object -> targets it was put next to
+    for skill, phrase, *rest in spent:
+        if skill == "put_next_to" and rest:
+            tried.setdefault(_bare(phrase), set()).add(_bare(rest[0]))
+        else:
+            wrong.setdefault(skill, set()).add(_bare(phrase))
 
     def offer(skill: str, values: Iterable[str]) -> list[str]:
         return sorted(v for v in set(values) if _bare(v) not in wrong.get(skill, ()))
@@ -281,8 +303,9 @@ def build_skills(episode: Episode, spent: Iterable[tuple[str, str]] = ()) -> lis
         skills.append(_skill(episode, "open", "Open a door.", episode.open_door,
                              door=_choice(values, "the door, in the mission's words")))
     to_carry = offer("put_next_to", phrases(movable, episode.start) + (descriptions(held, None) if held else []))
-    if to_carry and len(things) + (held is not None) >= 2:
+    cases = _pairs(to_carry, everything, tried) if tried else None
+    if to_carry and len(things) + (held is not None) >= 2 and cases != []:
         skills.append(_skill(episode, "put_next_to", "Put an object next to another object.", episode.put_next_to,
-                             object=_choice(to_carry, what),
+                             any_of=cases, object=_choice(to_carry, what),
                              next_to=_choice(everything, "the object to put it next to")))
     return skills
