@@ -77,9 +77,6 @@ class MMLLM(nn.Module):
             self._load_backbone_extras()
         self._decoder = None
         self._decoder_lock = threading.Lock()
-        # the dtype generation decodes in (None: the backbone's). bfloat16 decodes a batch of rows
-        # for about the cost of one on CPUs with bf16 matrix units, and may change some answers
-        self.decode_dtype: torch.dtype | None = None
 
     @classmethod
     def from_profile(cls, profile: ProfileSpec, *, require_trained: bool = True,
@@ -334,7 +331,7 @@ class MMLLM(nn.Module):
             # LoRA merged for decoding, rebuilt (and reused prefixes dropped) when training changes a weight:
             # tensors count their in-place writes
             version = sum(p._version for p in self.backbone.model.parameters())
-            self._decoder.use(decode_model(self.backbone.model, self.decode_dtype), version)
+            self._decoder.use(decode_model(self.backbone.model), version)
             return self._decoder
 
     @torch.no_grad()

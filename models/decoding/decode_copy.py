@@ -4,8 +4,7 @@ A peft model computes each adapted layer as x·W + (x·A)·B, which on a CPU cos
 layer itself (SmolLM2 with r=8 adapters on q/k/v/o decodes about 2.7x slower than without). The
 decode copy folds B·A into W once. It shares every frozen weight outside the adapted layers with
 the model (the MLPs, norms), so it costs only the adapted layers and the embedding; a copy in
-another dtype (bf16: this CPU's matrix units make a batch of 8 rows cost what one row does)
-is a full copy.
+another dtype (bf16, which agent/bench_decode.py measures against fp32) is a full copy.
 
 A copy is rebuilt when any of the model's weights change in place (training steps, loading
 adapters): tensors count their in-place writes, and the sum of those counts is the copy's key.
