@@ -42,10 +42,10 @@ def answer(tokens: list[int], stop_ids: set[int]) -> list[int]:
     return tokens[:end]
 
 
-def lone(mm, prompt: torch.Tensor, processors: list, max_new_tokens: int) -> list[int]:
-    """transformers' greedy generate on this one prompt."""
+def lone(mm, prompt: torch.Tensor, processors: list, max_new_tokens: int, model=None) -> list[int]:
+    """transformers' greedy generate on this one prompt (on the backbone, or `model`)."""
     with torch.no_grad():
-        out = mm.backbone.model.generate(
+        out = (model or mm.backbone.model).generate(
             inputs_embeds=prompt[None], attention_mask=torch.ones(1, prompt.shape[0], dtype=torch.long),
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=mm.backbone.tokenizer.pad_token_id,
             logits_processor=LogitsProcessorList(processors))
@@ -114,6 +114,24 @@ def test_batched_rows_of_different_lengths_match_lone_generation(chaotic_mm, sch
     got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
     assert got == [lone(chaotic_mm, p, [span], 24) for p in prompts]
     assert max(scheduler.steps) == len(prompts)  # decoded together, not one after another
+
+
+def test_the_decode_copy_with_packed_linears_decodes_rows_together_as_alone(chaotic_mm):
+    from models.decoding import decode_model
+    from models.decoding.packed_linear import PackedLinear
+
+    model = decode_model(chaotic_mm.backbone.model)
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    scheduler = DecodeScheduler(model, stop_ids=stops(chaotic_mm))
+    prompts = [embeds(chaotic_mm, q) for q in QUESTIONS]
+    futures = [scheduler.submit(DecodeRequest(p, 24)) for p in prompts]
+    got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
+    scheduler.close()
+    assert got == [lone(chaotic_mm, p, [], 24, model=model) for p in prompts]
+    with torch.no_grad():  # and the packed layers compute what the plain ones do
+        x = torch.randn(3, 5, chaotic_mm.backbone.hidden_size)
+        plain = chaotic_mm.backbone.model.model.layers[0].mlp.up_proj
+        torch.testing.assert_close(model.model.layers[0].mlp.up_proj(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
 def test_requests_join_while_others_decode(chaotic_mm, scheduler):
@@ -231,7 +249,7 @@ def test_lora_is_merged_into_a_decode_copy_that_follows_training(tiny_profile):
     assert torch.equal(peft_model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, query)
     assert merged is not peft_model and not hasattr(merged, "peft_config")
     base = peft_model.get_base_model()
-    assert merged.model.layers[0].mlp.up_proj.weight is base.model.layers[0].mlp.up_proj.weight  # shared
+    assert merged.model.layers[0].input_layernorm.weight is base.model.layers[0].input_layernorm.weight  # shared
     assert decode_model(peft_model) is merged  # nothing changed: the same copy
     prompt = embeds(mm, QUESTIONS[1])
     span = [SignalSpanProcessor(mm.backbone.signal_ids)]
@@ -244,6 +262,7 @@ def test_lora_is_merged_into_a_decode_copy_that_follows_training(tiny_profile):
     assert decode_model(peft_model) is not merged
     half = decode_model(peft_model, torch.bfloat16)
     assert half.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert decode_model(peft_model, torch.bfloat16) is half
     assert base.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the model itself stays as it was
     after = mm.generate([{"role": "user", "content": QUESTIONS[1]}], max_new_tokens=20).token_ids
     assert after == [t for t in lone(mm, prompt, span, 20) if t not in stops(mm)]

@@ -1,10 +1,12 @@
-"""The model the scheduler decodes with: LoRA merged into the weights, and optionally another dtype.
+"""The model the scheduler decodes with: LoRA merged into the weights, linear layers packed for
+the CPU (models/decoding/packed_linear.py), and optionally another dtype.
 
 A peft model computes each adapted layer as x·W + (x·A)·B, which on a CPU costs more than the
 layer itself (SmolLM2 with r=8 adapters on q/k/v/o decodes about 2.7x slower than without). The
-decode copy folds B·A into W once. It shares every frozen weight outside the adapted layers with
-the model (the MLPs, norms), so it costs only the adapted layers and the embedding; a copy in
-another dtype (bf16, which agent/bench_decode.py measures against fp32) is a full copy.
+decode copy folds B·A into W once, in a module tree that shares the model's other weights (a
+merge writes only into the adapted layers and the embedding). On a CPU in fp32 its linear layers
+then hold their weights packed, a second copy of them that makes a batch of rows cheap. A copy
+in another dtype (bf16, which agent/bench_decode.py measures against fp32) is a full copy.
 
 A copy is rebuilt when any of the model's weights change in place (training steps, loading
 adapters): tensors count their in-place writes, and the sum of those counts is the copy's key.
@@ -19,26 +21,39 @@ import weakref
 import torch
 from torch import nn
 
+from models.decoding.packed_linear import pack_linears, packable
+
 _copies: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def decode_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """A merged copy of a peft model (else the model itself), in `dtype` if given."""
+    """The model to decode with: LoRA merged, in `dtype` if given, linears packed for the CPU
+    where they can be; the model itself when none of that applies."""
     current = next(model.parameters()).dtype
-    if not hasattr(model, "merge_and_unload") and dtype in (None, current):
+    target = dtype or current
+    merge = hasattr(model, "merge_and_unload")
+    pack = packable(torch.empty(0, dtype=target, device=next(model.parameters()).device))
+    if not merge and target == current and not pack:
         return model
     key = sum(p._version for p in model.parameters())
     with _lock:
         copies = _copies.setdefault(model, {})
-        cached = copies.get(dtype)
+        cached = copies.get(target)
         if cached is None or cached[0] != key:
             copies.clear()  # copies of older weights are stale
-            built = _merged_copy(model) if hasattr(model, "merge_and_unload") else model
-            if dtype not in (None, current):  # a full copy: casting in place would cast the shared weights too
-                built = copy.deepcopy(built).to(dtype)
-            cached = copies[dtype] = (key, built)
+            built = _merged_copy(model) if merge else _shared_copy(model)
+            if target != current:  # a full copy: casting in place would cast the shared weights too
+                built = copy.deepcopy(built).to(target)
+            if pack:
+                built = pack_linears(built)
+            cached = copies[target] = (key, built)
         return cached[1]
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A module tree of its own over the same weights, whose layers can be swapped."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def _merged_copy(model: nn.Module) -> nn.Module:
