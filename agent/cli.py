@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API; "
                                          "default $SIGNALGRAPH_API_KEY, else no key")
-    serve.add_argument("--queue", type=int, default=8, help="requests that may wait while one runs; more get 429")
+    serve.add_argument("--queue", type=int, default=8,
+                       help="requests that may wait while --max-concurrency turns run; more get 429")
     serve.add_argument("--max-concurrency", type=int, default=8,
                        help="turns that run at once, their decoding batched on the backbone (default 8)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
