@@ -6,13 +6,12 @@ scripted thinker (tests) returns canned outputs so routing can be tested on its 
 
 from __future__ import annotations
 
-import contextvars
 import json
 import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -132,8 +131,6 @@ class BackboneThinker:
         )] if tools else []
         streamer = None
         if on_text is not None:
-            # tokens arrive on the decoder's thread; the callback keeps this one's context (LangGraph's writer)
-            on_text = partial(contextvars.copy_context().run, on_text)
             parser = SignalParser(self._signal_strings())
             tokenizer = self.mm.backbone.tokenizer
             streamer = TokenStreamer(lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
