@@ -13,9 +13,11 @@ tokens are those of a lone `generate`, up to float rounding in the batched matmu
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import inspect
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -30,6 +32,16 @@ from models.errors import SignalgraphError
 
 
 IDLE_EXIT_S = 2.0  # the loop's thread ends after this long with nothing to do; a submit starts it again
+
+# A loop thread still alive when the interpreter tears down aborts the process in torch's C++
+# ("terminate called without an active exception"), so each live loop is stopped and joined first.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loops() -> None:
+    for scheduler in list(_LIVE):
+        scheduler.close()
 
 
 class DecodeCancelled(SignalgraphError):
@@ -112,6 +124,7 @@ class DecodeScheduler:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="signalgraph-decode", daemon=True)
                 self._thread.start()
+                _LIVE.add(self)
             self._cond.notify()
         return future
 
