@@ -312,11 +312,15 @@ def test_levels_run_one_at_a_time_add_up(tmp_path):
 def test_a_pair_put_next_to_each_other_in_vain_is_not_offered_again():
     episode = _episode("BabyAI-PutNextLocal-v0", 1)  # put the yellow key next to the purple box
     episode.look_around()
-    spent = [("put_next_to", "the yellow key", "the green ball")]  # the target was wrong, not the key
+    spent = [("put_next_to", "the yellow key", "the green ball")]
     parameters = {s["name"]: s["parameters"] for s in tool_schemas(build_skills(episode, spent))}["put_next_to"]
-    assert "the yellow key" in parameters["properties"]["object"]["enum"]  # still offered, with other targets
+    assert not any("yellow key" in o for o in parameters["properties"]["object"]["enum"])  # were they swapped?
+    jsonschema.validate({"object": "the green ball", "next_to": "the yellow key"}, parameters)
+
+    spent.append(("put_next_to", "the green ball", "the yellow key"))  # no: the target was wrong, not the key
+    parameters = {s["name"]: s["parameters"] for s in tool_schemas(build_skills(episode, spent))}["put_next_to"]
+    assert not any("green ball" in o for o in parameters["properties"]["object"]["enum"])
     jsonschema.validate({"object": "the yellow key", "next_to": "the purple box"}, parameters)
-    jsonschema.validate({"object": "the green ball", "next_to": "the yellow key"}, parameters)  # the other way
     ball = [t for t in parameters["properties"]["next_to"]["enum"] if "green ball" in t]  # however it is named
     assert len(ball) > 2
     for target in ball:

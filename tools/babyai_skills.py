@@ -272,15 +272,21 @@ def build_skills(episode: Episode, spent: Iterable[Sequence[str]] = ()) -> list[
 
     `spent` holds skill calls carried out without finishing the mission, as (skill, *arguments).
     For one object, that object was the wrong choice for that skill, so it is not offered again,
-    however it is named; for put_next_to, the pair was wrong (either one may be right with another).
+    however it is named. For put_next_to the pair was wrong, and either one may be right with
+    another: the pair is not offered again, and the object moved last is not offered as the one to
+    move (most often the two were swapped) until another object has been moved in vain.
     """
     wrong: dict[str, set[str]] = {}
     tried: dict[str, set[str]] = {}  # put_next_to: object -> targets it was put next to
+    moved = ""
     for skill, phrase, *rest in spent:
         if skill == "put_next_to" and rest:
             tried.setdefault(_bare(phrase), set()).add(_bare(rest[0]))
+            moved = _bare(phrase)
         else:
             wrong.setdefault(skill, set()).add(_bare(phrase))
+    if moved:
+        wrong.setdefault("put_next_to", set()).add(moved)
 
     def offer(skill: str, values: Iterable[str]) -> list[str]:
         return sorted(v for v in set(values) if _bare(v) not in wrong.get(skill, ()))
