@@ -143,6 +143,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
             "value": round(together, 2), "unit": "tokens/s (all sessions)", "baseline": round(one_at_a_time, 2),
             "baseline_unit": "tokens/s, the same requests one at a time", "ratio": round(together / one_at_a_time, 2),
             "vs_plain_generate": round(together / plain, 2), "peak_rows": peak["rows"],
+            "tokens": [len(o) for o in outs],
             "same_tokens_as_one_at_a_time": outs == results["scheduled"][0][:n],
             "threads": torch.get_num_threads()})
     bar.set_postfix_str("bf16")
