@@ -263,7 +263,8 @@ def _pairs(objects: list[str], targets: list[str], tried: dict[str, set[str]]) -
         if allowed:
             cases.setdefault(allowed, []).append(obj)
     return [{"type": "object", "additionalProperties": False, "required": ["object", "next_to"],
-             "properties": {"object": {"type": "string", "enum": objs}, "next_to": {"type": "string", "enum": list(to)}}}
+             "properties": {"object": {"type": "string", "enum": objs},
+                            "next_to": {"type": "string", "enum": list(to)}}}
             for to, objs in cases.items()]
 
 
