@@ -100,8 +100,10 @@ class Collect:
 @pytest.fixture
 def scheduler(chaotic_mm):
     steps: list[int] = []
-    scheduler = DecodeScheduler(chaotic_mm.backbone.model, stop_ids=stops(chaotic_mm), on_step=steps.append)
-    scheduler.steps = steps
+    prefills: list[int] = []
+    scheduler = DecodeScheduler(chaotic_mm.backbone.model, stop_ids=stops(chaotic_mm), on_step=steps.append,
+                                on_prefill=prefills.append)
+    scheduler.steps, scheduler.prefills = steps, prefills
     yield scheduler
     scheduler.close()
 
@@ -110,10 +112,12 @@ def test_batched_rows_of_different_lengths_match_lone_generation(chaotic_mm, sch
     prompts = [embeds(chaotic_mm, q) for q in QUESTIONS]
     assert len({p.shape[0] for p in prompts}) == len(prompts)
     span = SignalSpanProcessor(chaotic_mm.backbone.signal_ids)
-    futures = [scheduler.submit(DecodeRequest(p, 24, [span])) for p in prompts]
+    futures = scheduler.submit_all([DecodeRequest(p, 24, [span]) for p in prompts])
     got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
     assert got == [lone(chaotic_mm, p, [span], 24) for p in prompts]
     assert max(scheduler.steps) == len(prompts)  # decoded together, not one after another
+    # prefilled together, padded to the longest, except the shortest: it would be mostly padding
+    assert scheduler.prefills == [3, 1]
 
 
 def test_the_decode_copy_with_packed_linears_decodes_rows_together_as_alone(chaotic_mm):
@@ -160,9 +164,10 @@ def test_a_tool_call_row_beside_free_text_and_signal_span_rows(chaotic_mm, sched
         return [span]
 
     kinds = ["tool", "text", "signal"]
-    prompts = [embeds(chaotic_mm, q) for q in QUESTIONS[:3]]
-    futures = [scheduler.submit(DecodeRequest(p, 48, processors(k))) for p, k in zip(prompts, kinds)]
+    prompts = [embeds(chaotic_mm, q) for q in QUESTIONS[1:]]
+    futures = scheduler.submit_all([DecodeRequest(p, 48, processors(k)) for p, k in zip(prompts, kinds)])
     got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
+    assert scheduler.prefills == [3]  # one prefill forward for the three
     assert got == [lone(chaotic_mm, p, processors(k), 48) for p, k in zip(prompts, kinds)]
     call = backbone.tokenizer.decode(got[0], skip_special_tokens=True)
     assert call.startswith(tool_call_prefix("transcribe"))
@@ -290,6 +295,32 @@ def test_a_prompt_that_starts_like_a_finished_one_reuses_its_keys_and_values(cha
     assert prefixes.lookup((*ids[:5], -1, *ids[6:]), limit=len(ids))[0] == 0
     scheduler.use(scheduler.model, weights_version=1)  # trained weights: old keys and values no longer hold
     assert prefixes.lookup(tuple(ids), limit=len(ids))[0] == 0
+
+
+def test_rows_that_reuse_the_same_prefix_prefill_together(chaotic_mm):
+    from models.decoding import PrefixCache
+
+    prefixes = PrefixCache(min_reuse=8)
+    prefilled: list[int] = []
+    scheduler = DecodeScheduler(chaotic_mm.backbone.model, stop_ids=stops(chaotic_mm), prefix_cache=prefixes,
+                                on_prefill=prefilled.append)
+    backbone = chaotic_mm.backbone
+    first_turn = [{"role": "user", "content": QUESTIONS[3]}]
+    ids = backbone.chat_ids(first_turn)
+    answered = scheduler.submit(DecodeRequest(embeds(chaotic_mm, QUESTIONS[3]), 12, token_ids=ids)).result(timeout=60)
+    reply = {"role": "assistant", "content": backbone.tokenizer.decode(answer(answered, stops(chaotic_mm)),
+                                                                         skip_special_tokens=True)}
+    # two next turns of that session (the same prefix reused, new parts of different lengths), and a new session
+    asked = [[*first_turn, reply, {"role": "user", "content": q}] for q in QUESTIONS[:2]]
+    asked.append([{"role": "user", "content": QUESTIONS[2]}])
+    prompts = [backbone.chat_ids(m) for m in asked]
+    prefilled.clear()
+    futures = scheduler.submit_all([DecodeRequest(backbone.splice(p, {})[0], 16, token_ids=p) for p in prompts])
+    got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
+    scheduler.close()
+    assert prefixes.stats["hits"] == 2
+    assert sorted(prefilled) == [1, 2]  # the next turns together; the new session, which reuses nothing, apart
+    assert got == [lone(chaotic_mm, backbone.splice(p, {})[0], [], 16) for p in prompts]
 
 
 @pytest.mark.smoke
