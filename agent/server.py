@@ -96,6 +96,21 @@ def _one_at_a_time(lock: threading.Lock, job: Callable[[], Any]) -> Callable[[],
     return locked
 
 
+def _give_freed_memory_back() -> None:
+    """Turns allocate and free large tensors (KV caches, prefill logits). glibc's adaptive mmap
+    threshold soon puts such blocks on the heap, which keeps their pages once freed, so a server's
+    memory stays at its busiest moment's peak. A fixed 1 MiB threshold keeps them mmapped, and
+    freed memory goes back to the system."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int = 8,
                max_request_bytes: int | None = None, max_concurrency: int = 1) -> FastAPI:
     """The app. `api_key`: require `Authorization: Bearer <key>` on /v1; `max_request_bytes`:
@@ -106,6 +121,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
     model_id = f"signalgraph-{runtime.profile.name}"
     created = int(time.time())
     queue = TurnQueue(queue_size, max_concurrency)
+    _give_freed_memory_back()
     runtime.controller  # built now, once: requests on several threads must not race to build it
     uploads = runtime.data_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
