@@ -75,18 +75,28 @@ async def _drive(server: ServeProcess, sessions: int, seconds: float, max_turns:
             turns.append(record)
             k += 1
 
+    finished = asyncio.Event()
+
     async def sampler() -> None:
+        # on until the last turn ends: the turns still queued at the deadline are load too
         with tqdm(total=round(seconds), desc=f"load: {sessions} sessions", unit="s", disable=not progress) as bar:
-            while time.perf_counter() < deadline and counter["left"] > 0:
+            while not finished.is_set():
                 now = time.perf_counter() - start
                 samples.append((now, server.rss()))
                 bar.n = min(round(now), bar.total)
                 bar.set_postfix(turns=len(turns), rss=f"{samples[-1][1] / MiB:.0f}MiB", refresh=True)
-                await asyncio.sleep(sample_every)
+                try:
+                    await asyncio.wait_for(finished.wait(), sample_every)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def all_sessions(client: httpx.AsyncClient) -> None:
+        await asyncio.gather(*(session(i, client) for i in range(sessions)))
+        finished.set()
 
     limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=30)) as client:
-        await asyncio.gather(sampler(), *(session(i, client) for i in range(sessions)))
+        await asyncio.gather(sampler(), all_sessions(client))
     samples.append((time.perf_counter() - start, server.rss()))
     return {"nonces": nonces, "names": names, "sent": sent, "turns": turns, "samples": samples,
             "wall_s": time.perf_counter() - start}

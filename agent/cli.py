@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="the report in small sizes (tiny profile unless "
                                                             "--profile): a check that it runs, not figures")
     bench.add_argument("--sessions", type=int, default=32, help="load: concurrent streaming sessions")
-    bench.add_argument("--seconds", type=float, default=120.0, help="load: how long new turns start")
+    bench.add_argument("--seconds", type=float, default=120.0,
+                       help="load: seconds during which sessions start new turns")
 
     embodied = commands.add_parser("embodied", help="plan skills in BabyAI with the backbone, against a random "
                                                     "policy and the BabyAI bot")

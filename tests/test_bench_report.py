@@ -56,5 +56,6 @@ def test_a_failing_benchmark_is_a_row_with_its_error_and_the_report_still_lands(
     assert main(["--profile", str(profile), "bench", "--only", "asr", "--out", str(tmp_path / "out")]) == 1
     row = json.loads((tmp_path / "out" / "report.json").read_text())["rows"][0]
     assert row["setting"] == "failed" and "has no transcriber" in row["error"]
-    assert "| asr | failed | ConfigError: profile 'no-asr' has no transcriber" in (tmp_path / "out" / "report.md").read_text()
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| asr | failed | ConfigError: profile 'no-asr' has no transcriber" in text
     assert capsys.readouterr().err.strip().endswith("error: asr failed (see the table)")
