@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -120,8 +121,9 @@ def load_test(profile: str, work_dir: Path, *, sessions: int = 32, seconds: floa
     """Run the load test against a fresh server; returns the figures (see the module doc)."""
     if sessions < 1 or seconds <= 0:
         raise ConfigError(f"the load test needs at least 1 session and some seconds (got {sessions}, {seconds:g})")
-    work_dir = Path(work_dir)
-    server = ServeProcess(work_dir / f"load-{Path(profile).stem}", profile, queue=sessions)
+    data = Path(work_dir) / f"load-{Path(profile).stem}"
+    shutil.rmtree(data, ignore_errors=True)  # every run starts from empty sessions
+    server = ServeProcess(data, profile, queue=sessions)
     try:
         server.start()
         ready_s = server.wait_ready()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -220,6 +221,7 @@ def cold_start(profile: str, work_dir: Path) -> dict:
     and its models are loaded. Loading happens once: a second turn does not pay for it again."""
     work_dir = Path(work_dir)
     data = work_dir / f"cold-{Path(profile).stem}"
+    shutil.rmtree(data, ignore_errors=True)  # a first run: no sessions, no knowledge base yet
     server = ServeProcess(data, profile)
     try:
         server.start()
