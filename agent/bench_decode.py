@@ -5,9 +5,14 @@
   drift is the share of prompts whose answer changed. A second row keeps the merged weights on
   both sides, so it shows what the loop alone gains.
 - concurrent sessions: N requests submitted at once, decoded together, against the same N
-  requests served one after another by the same scheduler (aggregate tokens/s).
+  requests served one after another by the same scheduler (aggregate tokens/s). Its ceiling is
+  what no scheduler passes while a step for all rows costs at least a step for one: the tokens of
+  all sessions over the longest session's, since the batch shrinks as sessions finish.
+- sustained sessions: N sessions that each ask again as soon as they are answered (--rounds
+  requests each, the prompts in turn), so the batch stays full, against the same requests one at
+  a time.
 
-    python -m agent.bench_decode [--profile local] [--sessions 1 2 4 8] [--tokens 48]
+    python -m agent.bench_decode [--profile local] [--sessions 1 2 4 8] [--tokens 48] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ PROMPTS = [
 
 
 def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] = (1, 2, 4, 8),
-                      new_tokens: int = 48, prompts: list[str] | None = None, quick: bool = False) -> list[dict]:
+                      new_tokens: int = 48, prompts: list[str] | None = None, quick: bool = False,
+                      rounds: int = 3) -> list[dict]:
     """Rows {"benchmark", "setting", "value", "unit", "baseline", "ratio", ...} measured now.
-    `quick`: 1 and 2 sessions, 8 new tokens (a check that it runs, not a measurement)."""
+    `quick`: 1 and 2 sessions, 8 new tokens, 2 rounds (a check that it runs, not a measurement)."""
     if quick:
-        sessions, new_tokens = (1, 2), 8
+        sessions, new_tokens, rounds = (1, 2), 8, 2
     from tqdm import tqdm
 
     from models.decoding import DecodeRequest, DecodeScheduler, decode_model
@@ -91,7 +97,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
         return worker.submit(run).result()
 
     steps = ["warm-up", "generate, as loaded", "generate, merged", "scheduler, one at a time",
-             *[f"scheduler, {n} at once" for n in sessions], "bf16", "second turns"]
+             *[f"scheduler, {n} at once" for n in sessions], "sustained", "bf16", "second turns"]
     bar = tqdm(steps, desc="decode bench", unit="step")
     bar.set_postfix_str(steps[0])
     for fn in (lambda: generate(loaded, embeds[0][:8]), lambda: generate(fast, embeds[0][:8]),
@@ -129,11 +135,12 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
          "greedy_drift": round(sum(a != b for a, b in zip(results["merged"][0], results["scheduled"][0]))
                                / n_single, 3), "threads": torch.get_num_threads()},
     ]
-    peak = {"rows": 0}
+    peak = {"rows": 0, "prefills": 0}
     scheduler.on_step = lambda n: peak.__setitem__("rows", max(peak["rows"], n))
+    scheduler.on_prefill = lambda n: peak.__setitem__("prefills", peak["prefills"] + 1)
     for n in sessions:
         bar.set_postfix_str(f"{n} at once")
-        peak["rows"] = 0
+        peak["rows"] = peak["prefills"] = 0
         outs, seconds = timed(scheduled, embeds[:n])
         bar.update()
         together = sum(len(o) for o in outs) / seconds
@@ -143,9 +150,14 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
             "value": round(together, 2), "unit": "tokens/s (all sessions)", "baseline": round(one_at_a_time, 2),
             "baseline_unit": "tokens/s, the same requests one at a time", "ratio": round(together / one_at_a_time, 2),
             "vs_plain_generate": round(together / plain, 2), "peak_rows": peak["rows"],
-            "tokens": [len(o) for o in outs],
+            "prefill_forwards": peak["prefills"], "tokens": [len(o) for o in outs],
+            "ratio_ceiling": round(sum(len(o) for o in outs) / max(1, max(len(o) for o in outs)), 2),
             "same_tokens_as_one_at_a_time": outs == results["scheduled"][0][:n],
             "threads": torch.get_num_threads()})
+    bar.set_postfix_str("sustained")
+    rows.append(_sustained(scheduled, embeds[:n_single], rounds, timed, results, rate("scheduled", n_single),
+                           peak, profile_name, new_tokens))
+    bar.update()
     bar.set_postfix_str("bf16")
     rows += _bf16_rows(loaded, stops, embeds[:n_single], new_tokens, timed, cut, processors, results, plain,
                        profile_name)
@@ -159,6 +171,31 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     scheduler.close()
     worker.shutdown()
     return rows
+
+
+def _sustained(scheduled, embeds, rounds, timed, results, one_at_a_time, peak, profile_name, new_tokens) -> dict:
+    """Each session asks its next prompt as soon as its last is answered; every prompt is asked
+    `rounds` times in all, so the same requests one at a time run at the single-stream rate."""
+    n = len(embeds)
+
+    def session(index: int) -> list[tuple[int, list[int]]]:
+        asked = [(index + r) % n for r in range(rounds)]
+        return [(i, scheduled([embeds[i]])[0]) for i in asked]
+
+    def all_sessions():
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="session") as pool:
+            return [a for answers in pool.map(session, range(n)) for a in answers]
+
+    peak["rows"] = peak["prefills"] = 0
+    answers, seconds = timed(all_sessions)
+    rate = sum(len(o) for _, o in answers) / seconds
+    return {"benchmark": "sustained sessions", "setting": f"{profile_name}, {n} sessions asking {rounds} times each, "
+            f"≤{new_tokens} new tokens", "value": round(rate, 2), "unit": "tokens/s (all sessions)",
+            "baseline": round(one_at_a_time, 2), "baseline_unit": "tokens/s, the same requests one at a time",
+            "ratio": round(rate / one_at_a_time, 2), "peak_rows": peak["rows"], "prefill_forwards": peak["prefills"],
+            "requests": len(answers),
+            "same_tokens_as_one_at_a_time": all(o == results["scheduled"][0][i] for i, o in answers),
+            "threads": torch.get_num_threads()}
 
 
 def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, results, plain, profile_name):
@@ -243,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="local")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per request at most")
+    parser.add_argument("--rounds", type=int, default=3, help="requests each sustained session makes")
     args = parser.parse_args(argv)
-    for row in decode_benchmarks(args.profile, sessions=tuple(args.sessions), new_tokens=args.tokens):
+    for row in decode_benchmarks(args.profile, sessions=tuple(args.sessions), new_tokens=args.tokens,
+                                 rounds=args.rounds):
         print(json.dumps(row, ensure_ascii=False))
     return 0
 
