@@ -34,6 +34,9 @@ from models.errors import SignalgraphError
 # Padding costs a prefill compute; a batch of 8 ~40-token prompts took half the time of their 8
 # prefills one at a time on SmolLM2 here, so a batch may carry half as much padding as real tokens.
 PAD_SLACK = 1.5
+# Past this many positions (padding included) a prefill is compute-bound anyway, and one forward's
+# activations and (rows, queries, keys) mask only grow: more rows go in another forward.
+PREFILL_POSITIONS = 4096
 IDLE_EXIT_S = 2.0  # the loop's thread ends after this long with nothing to do; a submit starts it again
 
 # A loop thread still alive when the interpreter tears down aborts the process in torch's C++
@@ -236,8 +239,8 @@ class DecodeScheduler:
         for index, prefill in enumerate(batch):
             row, n = prefill.row, reused + prefill.new
             try:
-                if row.request.streamer is not None:
-                    row.context.run(row.request.streamer.put, torch.empty(1, 0, dtype=torch.long))  # the prompt: embeds only
+                if row.request.streamer is not None:  # the prompt first: embeds only, so no ids
+                    row.context.run(row.request.streamer.put, torch.empty(1, 0, dtype=torch.long))
                 row.position = n
                 if self._choose(row, logits[index]):
                     continue
@@ -355,7 +358,8 @@ class _Prefill:
 
 def prefill_batches(prefills: list[_Prefill]) -> list[list[_Prefill]]:
     """Rows that reuse equally long prefixes prefill together (a row's reused positions must end
-    where the others' do), longest first, cut where padding would pass PAD_SLACK x the real tokens."""
+    where the others' do), longest first, cut where padding would pass PAD_SLACK x the real tokens
+    or the forward PREFILL_POSITIONS positions."""
     groups: dict[int, list[_Prefill]] = {}
     for prefill in sorted(prefills, key=lambda p: p.new, reverse=True):
         groups.setdefault(prefill.reused, []).append(prefill)
@@ -363,7 +367,8 @@ def prefill_batches(prefills: list[_Prefill]) -> list[list[_Prefill]]:
     for group in groups.values():
         batch: list[_Prefill] = []
         for prefill in group:
-            if batch and (len(batch) + 1) * batch[0].new > PAD_SLACK * (sum(p.new for p in batch) + prefill.new):
+            padded = (len(batch) + 1) * (batch[0].new if batch else prefill.new)
+            if batch and (padded > PREFILL_POSITIONS or padded > PAD_SLACK * (sum(p.new for p in batch) + prefill.new)):
                 batches.append(batch)
                 batch = []
             batch.append(prefill)
