@@ -27,7 +27,7 @@ from pathlib import Path
 
 from models.errors import ConfigError
 
-SUITES = ["decode", "controller", "retrieval", "asr", "cold-start", "load"]
+SUITES = ["decode", "controller", "retrieval", "asr", "cold-start", "training", "load"]
 DEFAULT = SUITES[:-1]  # the load test takes minutes of its own: `--only load` or `signalgraph bench load`
 
 
@@ -117,6 +117,16 @@ def cold_start_rows(profile: str, work: Path) -> tuple[list[dict], dict]:
              r["warm_first_token_s"], _ratio(r["first_token_s"], r["warm_first_token_s"]),
              baseline_unit="s first token of the same turn, warm"),
     ], r
+
+
+def training_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
+    from agent.bench_training import pt_throughput_rows
+
+    # PT starts from the untrained projectors: `local` measures on `local-untrained`
+    base = "local-untrained" if profile == "local" else profile
+    rows = pt_throughput_rows(base, batch_size=4 if quick else 16, batches=1 if quick else 4,
+                              examples=16 if quick else 256)
+    return rows, {"rows": rows}
 
 
 def load_rows(profile: str, quick: bool, work: Path, sessions: int, seconds: float) -> tuple[list[dict], dict]:
@@ -240,6 +250,7 @@ def run(out: str, profile: str | None, *, only: list[str] | None = None, quick: 
             "retrieval": lambda: retrieval_rows(quick, work),
             "asr": lambda: asr_rows(profile, quick),
             "cold-start": lambda: cold_start_rows(profile, work),
+            "training": lambda: training_rows(profile, quick),
             "load": lambda: load_rows(profile, quick, work, sessions, seconds)}
     rows, raw, seconds_taken = [], {}, {}
     failed = []

@@ -12,12 +12,12 @@ from agent.cli import main
 def test_the_quick_report_writes_the_table_json_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["--profile", "tiny", "bench", "--quick", "--out", str(out),
-                 "--only", "retrieval", "--only", "asr", "--only", "cold-start"])
+                 "--only", "retrieval", "--only", "asr", "--only", "cold-start", "--only", "training"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     names = [row["benchmark"] for row in report["rows"]]
     assert names == ["retrieval latency p50", "retrieval latency p95", "retrieval recall@10"] * 2 + \
-        ["ASR real-time factor", "cold start: launch -> ready", "cold start: launch -> first token"]
+        ["ASR real-time factor", "cold start: launch -> ready", "cold start: launch -> first token", "PT throughput"]
     # the store scans every vector: its top-10 is the exact top-10
     assert all(row["value"] == 1.0 for row in report["rows"] if row["benchmark"] == "retrieval recall@10")
     for row in report["rows"]:
@@ -47,7 +47,7 @@ def test_a_missing_measurement_reads_not_measured_and_shares_as_percent():
 def test_an_unknown_suite_is_a_one_line_error(tmp_path, capsys):
     assert main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: no benchmark suite named nope; choose from decode, controller, "
-                                               "retrieval, asr, cold-start, load")
+                                               "retrieval, asr, cold-start, training, load")
 
 
 def test_a_failing_benchmark_is_a_row_with_its_error_and_the_report_still_lands(tmp_path, capsys):
