@@ -8,9 +8,9 @@
   requests served one after another by the same scheduler (aggregate tokens/s). Its ceiling is
   what no scheduler passes while a step for all rows costs at least a step for one: the tokens of
   all sessions over the longest session's, since the batch shrinks as sessions finish.
-- sustained sessions: N sessions that each ask again as soon as they are answered (--rounds
-  requests each, the prompts in turn), so the batch stays full, against the same requests one at
-  a time.
+- sustained sessions: N sessions that each take the next request from a shared queue as soon as
+  they are answered (every prompt --rounds times), so the batch stays full until the queue runs
+  dry, against the same requests one at a time.
 
     python -m agent.bench_decode [--profile local] [--sessions 1 2 4 8] [--tokens 48] [--rounds 3]
 """
@@ -174,22 +174,20 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
 
 
 def _sustained(scheduled, embeds, rounds, timed, results, one_at_a_time, peak, profile_name, new_tokens) -> dict:
-    """Each session asks its next prompt as soon as its last is answered; every prompt is asked
-    `rounds` times in all, so the same requests one at a time run at the single-stream rate."""
+    """N sessions take the next request from a shared queue as soon as their last is answered;
+    every prompt is asked `rounds` times, so the same requests one at a time run at the
+    single-stream rate."""
     n = len(embeds)
-
-    def session(index: int) -> list[tuple[int, list[int]]]:
-        asked = [(index + r) % n for r in range(rounds)]
-        return [(i, scheduled([embeds[i]])[0]) for i in asked]
+    queue = [i for _ in range(rounds) for i in range(n)]
 
     def all_sessions():
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="session") as pool:
-            return [a for answers in pool.map(session, range(n)) for a in answers]
+            return list(zip(queue, pool.map(lambda i: scheduled([embeds[i]])[0], queue)))
 
     peak["rows"] = peak["prefills"] = 0
     answers, seconds = timed(all_sessions)
     rate = sum(len(o) for _, o in answers) / seconds
-    return {"benchmark": "sustained sessions", "setting": f"{profile_name}, {n} sessions asking {rounds} times each, "
+    return {"benchmark": "sustained sessions", "setting": f"{profile_name}, {n} sessions, {len(queue)} queued requests, "
             f"≤{new_tokens} new tokens", "value": round(rate, 2), "unit": "tokens/s (all sessions)",
             "baseline": round(one_at_a_time, 2), "baseline_unit": "tokens/s, the same requests one at a time",
             "ratio": round(rate / one_at_a_time, 2), "peak_rows": peak["rows"], "prefill_forwards": peak["prefills"],
@@ -280,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="local")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per request at most")
-    parser.add_argument("--rounds", type=int, default=3, help="requests each sustained session makes")
+    parser.add_argument("--rounds", type=int, default=3, help="times each prompt is queued for the sustained sessions")
     args = parser.parse_args(argv)
     for row in decode_benchmarks(args.profile, sessions=tuple(args.sessions), new_tokens=args.tokens,
                                  rounds=args.rounds):
