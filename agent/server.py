@@ -112,10 +112,10 @@ def _give_freed_memory_back() -> None:
 
 
 def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int = 8,
-               max_request_bytes: int | None = None, max_concurrency: int = 1) -> FastAPI:
+               max_request_bytes: int | None = None, max_concurrency: int = 8) -> FastAPI:
     """The app. `api_key`: require `Authorization: Bearer <key>` on /v1; `max_request_bytes`:
     default one media file at the profile's byte limit, base64-encoded, plus 1 MiB;
-    `max_concurrency`: turns that run at once (`signalgraph serve` gives 8)."""
+    `max_concurrency`: turns that run at once."""
     limits = runtime.profile.limits
     body_limit = max_request_bytes or limits.max_bytes * 4 // 3 + 2**20
     model_id = f"signalgraph-{runtime.profile.name}"

@@ -324,7 +324,8 @@ class GatedThinker(ScriptedThinker):
 
 def test_a_full_queue_is_429(tmp_path, tiny_profile):
     thinker = GatedThinker(ThinkResult("first"), ThinkResult("third"))
-    with running(create_app(runtime(tmp_path, tiny_profile, thinker), queue_size=0)) as url:
+    # one turn at a time and no room to wait: the second request finds the queue full
+    with running(create_app(runtime(tmp_path, tiny_profile, thinker), queue_size=0, max_concurrency=1)) as url:
         api = client(url)
         replies = []
         first = threading.Thread(target=lambda: replies.append(api.chat.completions.create(
