@@ -233,15 +233,3 @@ def test_session_allowlists_come_from_config():
     assert config.tools_for("anyone") == ["transcribe", "speak"]
     assert AgentConfig().tools_for("anyone") is None  # no allowlist: every tool
 
-
-def test_the_real_backbone_streams_into_a_turn(tmp_path, store, tiny_profile):
-    """Tokens come from the decoder's own thread; the turn still streams them to the caller."""
-    from graphs.thinker import BackboneThinker, ConditioningCache
-    from models.mmllm import MMLLM
-
-    thinker = BackboneThinker(MMLLM.from_profile(tiny_profile), ConditioningCache(), max_new_tokens=8)
-    streamed = []
-    # the writer LangGraph gives a node is missing on another thread unless the callback carries its context
-    result = make(tmp_path, store, thinker).turn("s", "hello", on_text=streamed.append)
-    assert steps(result.trace) == ["ingest", "retrieve", "think", "respond"]
-    assert "".join(streamed).strip() in ("", result.text)
