@@ -66,7 +66,6 @@ NAMED_TOOL_PROMPT = "Answer with a call of the tool {name}."
 
 _MODELS: dict[tuple[str, bool], Any] = {}
 _MODELS_LOCK = threading.Lock()
-_GENERATE_LOCKS: dict[int, threading.Lock] = {}
 
 
 def load_shared_model(profile_name: str, *, require_trained: bool = True):
@@ -79,11 +78,6 @@ def load_shared_model(profile_name: str, *, require_trained: bool = True):
 
             _MODELS[key] = MMLLM.from_profile(load_profile(profile_name), require_trained=require_trained)
         return _MODELS[key]
-
-
-def _generate_lock(mm) -> threading.Lock:
-    with _MODELS_LOCK:
-        return _GENERATE_LOCKS.setdefault(id(mm), threading.Lock())
 
 
 # --- tools ------------------------------------------------------------------------------------
@@ -468,9 +462,9 @@ class SignalgraphChatModel(BaseChatModel):
 
     def _run(self, prep: dict, streamer=None):
         mm = prep["mm"]
-        with _generate_lock(mm):
-            return mm.generate(prep["chat"], images=prep["images"] or None, max_new_tokens=prep["max_new_tokens"],
-                               logits_processors=prep["processors"], streamer=streamer)
+        # the model's decode scheduler batches this with other threads' generations
+        return mm.generate(prep["chat"], images=prep["images"] or None, max_new_tokens=prep["max_new_tokens"],
+                           logits_processors=prep["processors"], streamer=streamer)
 
     def _input_tokens(self, prep: dict) -> int:
         mm = prep["mm"]

@@ -91,8 +91,6 @@ class BackboneThinker:
         self.mm = mm
         self.cache = cache
         self.max_new_tokens = max_new_tokens
-        # lazy projector loads only: generations from many threads share the model's decode scheduler
-        self._loading = threading.Lock()
 
     def _readable(self, media: list[dict]) -> dict[str, list]:
         """Media the backbone can read directly: only through trained input projectors."""
@@ -139,8 +137,7 @@ class BackboneThinker:
                                                     if isinstance(e, TextDelta)])
         repeat = _RepeatedCallStop(self.mm.backbone.tokenizer)
         streamer = _Both(streamer, repeat) if streamer else repeat
-        with self._loading:
-            readable = self._readable(media)
+        readable = self._readable(media)
         generation = self.mm.generate(chat, images=readable.get("image"), audios=readable.get("audio"),
                                       max_new_tokens=self.max_new_tokens, logits_processors=processors,
                                       streamer=streamer, stopping_criteria=[repeat])

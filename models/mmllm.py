@@ -183,6 +183,10 @@ class MMLLM(nn.Module):
         return self.encoders[modality]
 
     def input_projector(self, modality: str) -> nn.Module:
+        with LOADING:
+            return self._input_projector(modality)
+
+    def _input_projector(self, modality: str) -> nn.Module:
         # video frames go through the image encoder, and share its projector unless one is given
         key = modality if modality in self.profile.input_projectors else ("image" if modality == "video" else modality)
         if key not in self.input_projectors:
@@ -213,6 +217,10 @@ class MMLLM(nn.Module):
         return self.generators[modality]
 
     def output_projector(self, modality: str) -> OutputProjector:
+        with LOADING:
+            return self._output_projector(modality)
+
+    def _output_projector(self, modality: str) -> OutputProjector:
         if modality not in self.output_projectors:
             spec = self.profile.output_projectors.get(modality)
             if spec is None:
