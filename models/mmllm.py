@@ -350,30 +350,29 @@ class MMLLM(nn.Module):
 
         The rows join the model's decode scheduler, beside generations from other threads; each
         row's answer is the same as from `generate` alone, and a prompt that starts like an
-        earlier one (the session's last turn) reuses that one's keys and values. Each row gets its
-        own shallow copy of the logits processors (they keep per-sequence state); a streamer
-        follows one generation.
+        earlier one (the session's last turn) reuses that one's keys and values. The rows are
+        submitted together, so they prefill in one forward. Logits processors, a streamer and
+        stopping criteria keep per-sequence state, so they follow one generation.
         """
-        import copy
-
         from models.decoding import DecodeRequest
         from models.signal_decoding import SignalSpanProcessor
 
-        if streamer is not None and len(requests) != 1:
-            raise ConfigError("a streamer follows one generation; stream with generate, one request at a time")
+        if len(requests) != 1 and (streamer is not None or logits_processors or stopping_criteria):
+            raise ConfigError("logits processors, a streamer and stopping criteria follow one generation; "
+                              "use generate, one request at a time")
         decoder = self.decoder
-        rows, futures = [], []
+        rows, submitted = [], []
         for messages, given in requests:
             media = {m: items for m, items in given.items() if items}
             prompt_ids = self.backbone.chat_ids(self._prompt(messages, media))
             features = {m: self.project(m, self.encode(m, items)) for m, items in media.items()}
             embeds, token_map, _ = self.backbone.splice(prompt_ids, features)
             rows.append((embeds, token_map, None))
-            processors = [copy.copy(p) if len(requests) > 1 else p for p in logits_processors or []]
-            futures.append(decoder.submit(DecodeRequest(
+            submitted.append(DecodeRequest(
                 embeds, max_new_tokens or self.profile.backbone.max_new_tokens,
-                [SignalSpanProcessor(self.backbone.signal_ids), *processors], streamer, list(stopping_criteria or []),
-                token_ids=token_map)))
+                [SignalSpanProcessor(self.backbone.signal_ids), *(logits_processors or [])], streamer,
+                list(stopping_criteria or []), token_ids=token_map))
+        futures = decoder.submit_all(submitted)
         stop = decoder.stop_ids
         out = []
         for row, future in zip(rows, futures, strict=True):
