@@ -70,7 +70,7 @@ class TurnQueue:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="signalgraph-turn")
         self._lock = threading.Lock()
         self._admitted = 0
-        self._keys: dict[str, threading.Lock] = {}
+        self._keys: dict[str, list] = {}  # session -> [its lock, its jobs admitted]; gone when none are
 
     def submit(self, job: Callable[[], Any], key: str | None = None) -> Future:
         with self._lock:
@@ -79,14 +79,20 @@ class TurnQueue:
                                     "waiting; try again shortly", code="queue_full")
             self._admitted += 1
             if key is not None:
-                job = _one_at_a_time(self._keys.setdefault(key, threading.Lock()), job)
+                entry = self._keys.setdefault(key, [threading.Lock(), 0])
+                entry[1] += 1
+                job = _one_at_a_time(entry[0], job)
         future = self._executor.submit(job)
-        future.add_done_callback(self._release)
+        future.add_done_callback(lambda _: self._release(key))
         return future
 
-    def _release(self, _future: Future) -> None:
+    def _release(self, key: str | None) -> None:
         with self._lock:
             self._admitted -= 1
+            if key is not None:
+                self._keys[key][1] -= 1
+                if not self._keys[key][1]:
+                    del self._keys[key]
 
 
 def _one_at_a_time(lock: threading.Lock, job: Callable[[], Any]) -> Callable[[], Any]:

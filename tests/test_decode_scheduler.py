@@ -345,33 +345,3 @@ def test_smollm2_rows_decoded_together_match_lone_generation():
     assert got == [answer(a[0].tolist(), stops(mm)) for a in alone]
     assert "Paris" in mm.backbone.tokenizer.decode(got[0])
 
-
-def test_the_servers_turn_queue_runs_sessions_at_once_and_each_session_in_order():
-    """The queue is what lets the scheduler see several turns: this is about it, not the model."""
-    import time
-
-    from agent.server import TurnQueue
-
-    queue = TurnQueue(size=0, workers=3)
-    running, most, log = set(), [0], []
-    lock = threading.Lock()
-
-    def job(name: str, session: str):
-        def run():
-            with lock:
-                running.add(name)
-                most[0] = max(most[0], len(running))
-                log.append(("start", session, name))
-            time.sleep(0.2)
-            with lock:
-                running.discard(name)
-                log.append(("end", session, name))
-        return run
-
-    futures = [queue.submit(job("a1", "a"), "a"), queue.submit(job("b1", "b"), "b"), queue.submit(job("a2", "a"), "a")]
-    with pytest.raises(Exception, match="busy"):
-        queue.submit(job("c1", "c"), "c")  # 3 running or waiting already, and no queue
-    for future in futures:
-        future.result(timeout=10)
-    assert most[0] == 2  # a1 and b1 together; a2 waited for a1
-    assert log.index(("end", "a", "a1")) < log.index(("start", "a", "a2"))

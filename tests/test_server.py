@@ -371,3 +371,36 @@ def test_signalgraph_serve_listens_on_loopback_with_a_key_from_the_environment(t
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}/" in output and "Traceback" not in output
+
+
+def test_the_servers_turn_queue_runs_sessions_at_once_and_each_session_in_order():
+    """The queue is what lets the decode scheduler see several turns at once."""
+    from agent.server import TurnQueue
+
+    queue = TurnQueue(size=0, workers=3)
+    running, most, log = set(), [0], []
+    lock = threading.Lock()
+
+    def job(name: str, session: str):
+        def run():
+            with lock:
+                running.add(name)
+                most[0] = max(most[0], len(running))
+                log.append(("start", session, name))
+            time.sleep(0.2)
+            with lock:
+                running.discard(name)
+                log.append(("end", session, name))
+        return run
+
+    futures = [queue.submit(job("a1", "a"), "a"), queue.submit(job("b1", "b"), "b"), queue.submit(job("a2", "a"), "a")]
+    with pytest.raises(Exception, match="busy"):
+        queue.submit(job("c1", "c"), "c")  # 3 running or waiting already, and no queue
+    for future in futures:
+        future.result(timeout=10)
+    assert most[0] == 2  # a1 and b1 together; a2 waited for a1
+    assert log.index(("end", "a", "a1")) < log.index(("start", "a", "a2"))
+    deadline = time.monotonic() + 5  # done callbacks may run just after result() returns
+    while queue._keys and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert queue._keys == {}  # a session with nothing running or waiting is forgotten
