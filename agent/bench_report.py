@@ -4,17 +4,17 @@ Writes `report.md` (the table, with the machine it ran on), `report.json` (rows 
 and a PNG per benchmark whose result and baseline are numbers, and prints the table. Each row is
 `{"benchmark", "setting", "value", "unit", "baseline", "ratio"}`; `ratio` is value / baseline.
 
-    decode      tokens/s against plain `generate` (agent/bench_decode.py, when present)
+    decode      tokens/s against plain `generate` (agent/bench_decode.py)
     controller  the controller's overhead share of a turn; parallel tools and plan waves vs sequential
     retrieval   the knowledge base's search latency p50/p95 and recall@10 vs exact search, 10k and 100k chunks
     asr         the transcriber's real-time factor
     cold-start  `signalgraph serve` launch -> first token, vs the same turn once warm
+    training    PT samples/s with cached encoder features vs the encoder in the loop
     load        (only when asked) concurrent streaming sessions against a real server
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import platform
@@ -44,15 +44,9 @@ def _ratio(value: float, baseline: float) -> float | None:
 
 
 def decode_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
-    try:
-        from agent.bench_decode import decode_benchmarks
-    except ImportError as exc:
-        return [_row("decode tokens/s", "not measured", None, "", note=f"agent.bench_decode: {exc}")], {}
-    kwargs = {"profile_name": profile}
-    if quick and "quick" in inspect.signature(decode_benchmarks).parameters:
-        kwargs["quick"] = True
-    rows = decode_benchmarks(**kwargs)
-    return rows, {"rows": rows}
+    from agent.bench_decode import decode_benchmarks
+
+    return decode_benchmarks(profile_name=profile, quick=quick), {}
 
 
 def controller_rows(profile: str, quick: bool, work: Path, turns: int | None) -> tuple[list[dict], dict]:
@@ -120,13 +114,23 @@ def cold_start_rows(profile: str, work: Path) -> tuple[list[dict], dict]:
 
 
 def training_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
-    from agent.bench_training import pt_throughput_rows
+    import tempfile
 
-    # PT starts from the untrained projectors: `local` measures on `local-untrained`
-    base = "local-untrained" if profile == "local" else profile
-    rows = pt_throughput_rows(base, batch_size=4 if quick else 16, batches=1 if quick else 4,
-                              examples=16 if quick else 256)
-    return rows, {"rows": rows}
+    from models.mmllm import MMLLM
+    from models.profiles import load_profile
+    from models.training.data import easy_vqa_manifest, read_manifest
+    from models.training.trainer import pt_throughput
+
+    base = "local-untrained" if profile == "local" else profile  # PT starts from untrained projectors
+    batch_size, batches = (4, 1) if quick else (16, 4)
+    with tempfile.TemporaryDirectory(prefix="sg-pt-throughput-") as tmp:
+        records = read_manifest(easy_vqa_manifest("train", Path(tmp), limit=16 if quick else 256))
+        # a model of its own: the measured steps train its projector
+        mm = MMLLM.from_profile(load_profile(base), require_trained=False)
+        r = pt_throughput(mm, records, Path(tmp) / "cache", batch_size=batch_size, batches=batches)
+    cached, live = round(r.cached, 2), round(r.encoder_in_loop, 2)
+    return [_row("PT throughput", f"{base}, easy-vqa, batch {batch_size}", cached, "samples/s, cached features",
+                 live, _ratio(cached, live), baseline_unit="samples/s, encoder in the loop", batches=batches)], {}
 
 
 def load_rows(profile: str, quick: bool, work: Path, sessions: int, seconds: float) -> tuple[list[dict], dict]:
