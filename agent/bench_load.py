@@ -39,7 +39,7 @@ def _slope_mib_per_min(samples: list[tuple[float, int]]) -> float:
     return round(float(np.polyfit(t, rss, 1)[0] * 60), 3)
 
 
-async def _drive(server: ServeProcess, sessions: int, seconds: float, max_turns: int | None,
+async def _drive(server: ServeProcess, sessions: int, seconds: float, min_turns: int,
                  sample_every: float, progress: bool) -> dict:
     import httpx
     from tqdm import tqdm
@@ -51,7 +51,6 @@ async def _drive(server: ServeProcess, sessions: int, seconds: float, max_turns:
     samples: list[tuple[float, int]] = []
     start = time.perf_counter()
     deadline = start + seconds
-    counter = {"left": max_turns if max_turns is not None else float("inf")}
 
     def foreign(text: str, own: str) -> list[str]:
         return [n for n in nonces if n != own and n in text]
@@ -59,8 +58,7 @@ async def _drive(server: ServeProcess, sessions: int, seconds: float, max_turns:
     async def session(index: int, client: httpx.AsyncClient) -> None:
         name, nonce = names[index], nonces[index]
         k = 0
-        while time.perf_counter() < deadline and counter["left"] > 0:
-            counter["left"] -= 1
+        while k < min_turns or time.perf_counter() < deadline:
             text = f"Session {nonce}, turn {k}: please repeat the code {nonce}-{k}."
             sent[name].append(text)
             try:
@@ -117,7 +115,7 @@ def _check_histories(server: ServeProcess, run: dict) -> tuple[list[str], list[s
 
 
 def load_test(profile: str, work_dir: Path, *, sessions: int = 32, seconds: float = 120.0,
-              max_turns: int | None = None, sample_every: float = 1.0, progress: bool = True) -> dict:
+              min_turns: int = 1, sample_every: float = 1.0, progress: bool = True) -> dict:
     """Run the load test against a fresh server; returns the figures (see the module doc)."""
     if sessions < 1 or seconds <= 0:
         raise ConfigError(f"the load test needs at least 1 session and some seconds (got {sessions}, {seconds:g})")
@@ -128,7 +126,7 @@ def load_test(profile: str, work_dir: Path, *, sessions: int = 32, seconds: floa
         server.start()
         ready_s = server.wait_ready()
         stream_turn(server.url, server.model, "load-warm-up", "hello")  # first-use loading is not load
-        run = asyncio.run(_drive(server, sessions, seconds, max_turns, sample_every, progress))
+        run = asyncio.run(_drive(server, sessions, seconds, min_turns, sample_every, progress))
         mismatched, history_leaks = _check_histories(server, run)
         alive = server.process.poll() is None
     finally:
