@@ -4,6 +4,7 @@ round-trip, resume continues the same run, bad manifests name file and line, the
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,27 @@ def test_easy_vqa_manifest(tmp_path):
     for record in records:
         assert record.media["image"][0].is_file()
         assert record.messages[-1]["content"] in easy_vqa.get_answers()
+
+
+def test_easy_vqa_conversations_ask_each_question_once_about_one_image(tmp_path):
+    easy_vqa = pytest.importorskip("easy_vqa")
+    from models.training import easy_vqa_manifest
+
+    limit = 60
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    records = read_manifest(easy_vqa_manifest("test", tmp_path, limit=limit, per_image=4))
+    asked = []
+    for record in records:
+        users = [m["content"] for m in record.messages if m["role"] == "user"]
+        replies = [m["content"] for m in record.messages if m["role"] == "assistant"]
+        assert 1 <= len(users) <= 4 and len(replies) == len(users) and len(record.media["image"]) == 1
+        assert users[0].startswith("<image>\n") and not any("<image>" in u for u in users[1:])
+        asked += [(str(record.media["image"][0]), u.removeprefix("<image>\n"), a) for u, a in zip(users, replies)]
+    expected = [(str(Path(paths[i]).resolve()), f"{q[:1].upper()}{q[1:]} Answer with one word.", a)
+                for q, a, i in zip(questions[:limit], answers[:limit], image_ids[:limit])]
+    assert sorted(asked) == sorted(expected)  # each question once, in a conversation about its own image
+    assert len(records) < limit
 
 
 # --- the feature cache ----------------------------------------------------------------------------

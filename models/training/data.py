@@ -38,6 +38,7 @@ signal spans.
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,12 +262,16 @@ def _check_signal_spans(record: Record, backbone, ids: list[int]) -> None:
 
 
 def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None, *,
-                      prompt: str = "{question} Answer with one word.") -> Path:
+                      prompt: str = "{question} Answer with one word.", per_image: int = 1, seed: int = 0) -> Path:
     """Write the `easy-vqa` package's questions for `split` ("train" or "test") as a manifest.
 
     Each line is one question about one image (shapes of one colour); the answer is one word of
-    `easy_vqa.get_answers()`. Image paths are absolute paths inside the installed package.
-    Returns the manifest's path, `out_dir/easy-vqa-{split}.jsonl`.
+    `easy_vqa.get_answers()`. With `per_image` > 1 each line is instead a conversation of up to
+    that many of one image's questions, shuffled with `seed`, as LLaVA's instruction data asks
+    several questions of one image: the image's tokens are paid for once per conversation rather
+    than once per question, so a training step carries several times the answers.
+    Image paths are absolute paths inside the installed package. Returns the manifest's path,
+    `out_dir/easy-vqa-{split}[-{limit}][-x{per_image}].jsonl`.
     """
     try:
         import easy_vqa
@@ -281,20 +286,34 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
         paths = easy_vqa.get_test_image_paths()
     else:
         raise DatasetError(f"easy-vqa has splits 'train' and 'test', not {split!r}")
+    if per_image < 1:
+        raise DatasetError(f"per_image must be at least 1, not {per_image}")
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / f"easy-vqa-{split}{'' if limit is None else f'-{limit}'}.jsonl"
+    name = f"easy-vqa-{split}{'' if limit is None else f'-{limit}'}{'' if per_image == 1 else f'-x{per_image}'}"
+    manifest = out_dir / f"{name}.jsonl"
     count = len(questions) if limit is None else min(limit, len(questions))
+    turns = [(image_id, prompt.format(question=question[:1].upper() + question[1:]), answer)
+             for question, answer, image_id in zip(questions[:count], answers[:count], image_ids[:count])]
+    if per_image == 1:
+        conversations = [[turn] for turn in turns]
+    else:
+        by_image: dict[int, list] = {}
+        for turn in turns:
+            by_image.setdefault(turn[0], []).append(turn)
+        rng = random.Random(seed)
+        conversations = []
+        for image_turns in by_image.values():
+            rng.shuffle(image_turns)
+            conversations += [image_turns[i: i + per_image] for i in range(0, len(image_turns), per_image)]
+        rng.shuffle(conversations)
     with open(manifest, "w", encoding="utf-8") as fp:
-        for question, answer, image_id in zip(questions[:count], answers[:count], image_ids[:count]):
-            text = prompt.format(question=question[:1].upper() + question[1:])
-            line = {
-                "messages": [
-                    {"role": "user", "content": "<image>\n" + text},
-                    {"role": "assistant", "content": answer},
-                ],
-                "images": [str(Path(paths[image_id]).resolve())],
-            }
+        for conversation in conversations:
+            messages = []
+            for k, (_, text, answer) in enumerate(conversation):
+                messages += [{"role": "user", "content": ("<image>\n" if k == 0 else "") + text},
+                             {"role": "assistant", "content": answer}]
+            line = {"messages": messages, "images": [str(Path(paths[conversation[0][0]]).resolve())]}
             fp.write(json.dumps(line) + "\n")
     return manifest
 
