@@ -24,7 +24,7 @@ def _sample(manifest: Path, count: int, seed: int) -> Path:
 def seeing_pt_stage(manifest: Path, steps: int, batch_size: int, seed: int) -> dict:
     """The input projector learns to map image features to the answers; the backbone is frozen."""
     return {"name": "pt", "data": [str(manifest)], "steps": steps, "batch_size": batch_size, "lr": 1e-3,
-            "log_every": 5, "checkpoint_every": 50, "seed": seed}
+            "log_every": 5, "checkpoint_every": 50, "seed": seed, "group_by_length": True}
 
 
 def test_sample(data: Path, count: int, seed: int) -> Path:
@@ -34,7 +34,7 @@ def test_sample(data: Path, count: int, seed: int) -> Path:
     return _sample(easy_vqa_manifest("test", data), count, seed)
 
 
-def seeing(out: str, *, pt_steps: int = 150, it_steps: int = 150, batch_size: int = 16,
+def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: int = 16, per_image: int = 4,
            test_questions: int = 1000, resume: bool = False, seed: int = 0) -> int:
     from models.mmllm import MMLLM
     from models.profiles import load_profile
@@ -45,14 +45,15 @@ def seeing(out: str, *, pt_steps: int = 150, it_steps: int = 150, batch_size: in
     out_dir = Path(out)
     data = out_dir / "data"
     started = time.perf_counter()
-    train_manifest = easy_vqa_manifest("train", data)
+    # Training asks up to `per_image` questions of an image in one conversation; testing asks one.
+    train_manifest = easy_vqa_manifest("train", data, per_image=per_image, seed=seed)
     test_manifest = test_sample(data, test_questions, seed)
     config = TrainConfig.from_dict({
         "profile": "local-untrained", "out_dir": str(out_dir / "run"),
         "stages": [
             seeing_pt_stage(train_manifest, pt_steps, batch_size, seed),
             {"name": "it", "data": [str(train_manifest)], "steps": it_steps, "batch_size": batch_size,
-             "lr": 2e-4, "log_every": 5, "checkpoint_every": 50, "seed": seed + 1},
+             "lr": 2e-4, "log_every": 5, "checkpoint_every": 50, "seed": seed + 1, "group_by_length": True},
         ],
     })
     result = train(config, resume=resume, overwrite=not resume)
@@ -61,7 +62,8 @@ def seeing(out: str, *, pt_steps: int = 150, it_steps: int = 150, batch_size: in
     with_image = evaluate(mm, test_manifest, max_new_tokens=4)
     blind = evaluate(mm, test_manifest, blind=True, max_new_tokens=4)
     report = {
-        "train_questions_seen": {"pt": pt_steps * batch_size, "it": it_steps * batch_size},
+        "questions_per_conversation": per_image,
+        "train_conversations_seen": {"pt": pt_steps * batch_size, "it": it_steps * batch_size},
         "test_questions": with_image.total, "accuracy": round(with_image.accuracy, 4),
         "blind_accuracy": round(blind.accuracy, 4), "train_minutes": round(trained / 60, 1),
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
@@ -79,7 +81,8 @@ def seeing(out: str, *, pt_steps: int = 150, it_steps: int = 150, batch_size: in
 
 
 def _choose(thinker, schemas: list[dict], items: list[dict]) -> dict:
-    """Right-tool and right-arguments rates of the controller's own think step on `items`."""
+    """Right-tool and right-arguments rates of the controller's own think step on `items`, and how
+    often, given the results of the right calls, it then replies in words instead of calling again."""
     from langchain_core.messages import HumanMessage
     from tqdm.auto import tqdm
 
@@ -89,8 +92,9 @@ def _choose(thinker, schemas: list[dict], items: list[dict]) -> dict:
     def explicit(call: dict) -> dict:  # arguments minus those left at their default
         return {k: v for k, v in call["arguments"].items() if defaults.get(call["name"], {}).get(k, object()) != v}
 
-    right_tool = right_args = 0
+    right_tool = right_args = replied = 0
     rows = []
+    rng = random.Random(0)
     for item in tqdm(items, desc="choosing"):
         result = thinker.think([HumanMessage(item["request"])], tools=schemas, passages=[], media=[])
         made = [{"name": c["name"], "arguments": c["args"]} for c in result.tool_calls]
@@ -99,9 +103,15 @@ def _choose(thinker, schemas: list[dict], items: list[dict]) -> dict:
             sorted(map(json.dumps, map(explicit, item["calls"])))
         right_tool += tool_ok
         right_args += args_ok
-        rows.append({"request": item["request"], "expected": item["calls"], "made": made, "text": result.text[:120]})
+        row = {"request": item["request"], "expected": item["calls"], "made": made, "text": result.text[:120]}
+        if item["calls"]:
+            after = thinker.think(_episode(item, rng, 0)[:-1], tools=schemas, passages=[], media=[])
+            row["after_result"] = {"made": [c["name"] for c in after.tool_calls], "text": after.text[:120]}
+            replied += not after.tool_calls and bool(after.text.strip())
+        rows.append(row)
+    with_calls = sum(1 for item in items if item["calls"])
     return {"right_tool": round(right_tool / len(items), 4), "right_arguments": round(right_args / len(items), 4),
-            "rows": rows}
+            "replies_after_result": round(replied / max(with_calls, 1), 4), "rows": rows}
 
 
 def tool_use_lines(system: str, items: list[dict]) -> list[dict]:
@@ -118,6 +128,40 @@ def tool_use_lines(system: str, items: list[dict]) -> list[dict]:
     return lines
 
 
+def _episode(item: dict, rng: random.Random, start: int) -> list:
+    """One request as the controller's messages: the request, the calls, their results and the
+    reply after them (or the plain answer)."""
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    from agent.tool_requests import tool_result
+
+    if not item["calls"]:
+        return [HumanMessage(item["request"]), AIMessage(item["answer"])]
+    calls = [{"id": f"c{start + i}", "name": c["name"], "args": c["arguments"]} for i, c in enumerate(item["calls"])]
+    results = [tool_result(c, rng) for c in item["calls"]]
+    return [HumanMessage(item["request"]), AIMessage(content="", tool_calls=calls),
+            *[ToolMessage(json.dumps(result), tool_call_id=call["id"], name=call["name"])
+              for call, (result, _) in zip(calls, results)],
+            AIMessage(" ".join(sentence for _, sentence in results))]
+
+
+def tool_conversation_lines(system: str, items: list[dict], per_conversation: int, seed: int = 0) -> list[dict]:
+    """Manifest lines of `per_conversation` requests each, rendered as the controller renders a
+    session: every tool call is followed by its result and a short reply, so the model learns to
+    stop once it has what it asked for, and the long tool list is paid for once per conversation."""
+    from graphs.chat_model import to_chat
+
+    rng = random.Random(seed)
+    lines = []
+    for first in range(0, len(items), per_conversation):
+        messages = []
+        for item in items[first: first + per_conversation]:
+            messages += _episode(item, rng, len(messages))
+        chat, _ = to_chat(messages, system_prefix=system, plain_tool_results=True)
+        lines.append({"messages": chat})
+    return lines
+
+
 def choose_rates(mm, schemas: list[dict], items: list[dict]) -> dict:
     """The controller's own think step (constrained decoding on) over held-out requests."""
     from graphs.thinker import BackboneThinker, ConditioningCache
@@ -125,8 +169,8 @@ def choose_rates(mm, schemas: list[dict], items: list[dict]) -> dict:
     return _choose(BackboneThinker(mm, ConditioningCache(), max_new_tokens=96), schemas, items)
 
 
-def choosing(out: str, *, train_count: int = 1200, test_count: int = 60, steps: int = 150, batch_size: int = 8,
-             lr: float = 5e-4, resume: bool = False) -> int:
+def choosing(out: str, *, train_count: int = 2880, per_conversation: int = 3, test_count: int = 60, steps: int = 120,
+             batch_size: int = 8, lr: float = 5e-4, resume: bool = False) -> int:
     """LoRA-tune SmolLM2 to call the project's tools; right tool / arguments before and after."""
     from agent.tool_requests import requests
     from graphs.thinker import system_prompt
@@ -145,20 +189,23 @@ def choosing(out: str, *, train_count: int = 1200, test_count: int = 60, steps: 
     system = system_prompt(schemas, [])  # exactly what the controller shows the backbone
     manifest = out_dir / "tool-use-train.jsonl"
     with open(manifest, "w") as fp:
-        fp.writelines(json.dumps(line) + "\n" for line in tool_use_lines(system, requests(train_count, split="train")))
+        # more two-call requests than the held-out mix: their second call is the hard part
+        items = requests(train_count, split="train", mix=(50, 35, 15))
+        fp.writelines(json.dumps(line) + "\n" for line in tool_conversation_lines(system, items, per_conversation))
     heldout = requests(test_count, split="heldout")
     before = choose_rates(MMLLM.from_profile(profile), schemas, heldout)
     config = TrainConfig.from_dict({
         "profile": "local-untrained", "out_dir": str(out_dir / "run"),
         "stages": [{"name": "it", "data": [str(manifest)], "steps": steps, "batch_size": batch_size, "lr": lr,
-                    "log_every": 5, "checkpoint_every": 40,
+                    "log_every": 5, "checkpoint_every": 40, "group_by_length": True,
                     "train": {"input_projectors": False, "output_projectors": False, "backbone": "lora",
                               "new_token_embeddings": False}}],
     })
     result = train(config, resume=resume, overwrite=not resume)
     tuned = MMLLM.from_profile(load_profile(str(result.profile)))
     after = choose_rates(tuned, schemas, heldout)
-    report = {"train_requests": train_count, "heldout_requests": test_count, "steps": steps, "batch_size": batch_size,
+    report = {"train_requests": train_count, "requests_per_conversation": per_conversation,
+              "heldout_requests": test_count, "steps": steps, "batch_size": batch_size,
               "before": {k: v for k, v in before.items() if k != "rows"},
               "after": {k: v for k, v in after.items() if k != "rows"},
               "minutes": round((time.perf_counter() - started) / 60, 1), "profile": str(result.profile)}
@@ -166,5 +213,6 @@ def choosing(out: str, *, train_count: int = 1200, test_count: int = 60, steps: 
     (out_dir / "heldout.json").write_text(json.dumps({"before": before["rows"], "after": after["rows"]}, indent=1))
     print(f"\nchoosing, {test_count} held-out requests (constrained decoding on): right tool "
           f"{before['right_tool']:.1%} -> {after['right_tool']:.1%}; right arguments "
-          f"{before['right_arguments']:.1%} -> {after['right_arguments']:.1%}")
+          f"{before['right_arguments']:.1%} -> {after['right_arguments']:.1%}; replies in words after the "
+          f"results {before['replies_after_result']:.1%} -> {after['replies_after_result']:.1%}")
     return 0

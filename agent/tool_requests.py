@@ -112,14 +112,16 @@ def _one(rng: random.Random, name: str, split: str) -> tuple[str, dict]:
     return rng.choice(templates).format(**fills), {"name": name, "arguments": {argument: fills[fill]}}
 
 
-def requests(count: int, *, split: str = "train", seed: int = 0, single_only: bool = False) -> list[dict]:
-    """[{"request", "calls": [...], "answer": str | None}]: 60% one call, 25% two, 15% no tool."""
+def requests(count: int, *, split: str = "train", seed: int = 0, single_only: bool = False,
+             mix: tuple[int, int, int] = (60, 25, 15)) -> list[dict]:
+    """[{"request", "calls": [...], "answer": str | None}]: by default 60% one call, 25% two, 15% no
+    tool (`mix` gives other weights, in that order)."""
     rng = random.Random(f"{split}-{seed}")
     names = sorted(TEMPLATES)
     questions = NO_TOOL[:-NO_TOOL_HELD_OUT] if split == "train" else NO_TOOL[-NO_TOOL_HELD_OUT:]
     out = []
     for i in range(count):
-        kind = "one" if single_only else rng.choices(["one", "two", "none"], weights=[60, 25, 15])[0]
+        kind = "one" if single_only else rng.choices(["one", "two", "none"], weights=mix)[0]
         if kind == "none":
             question, answer = rng.choice(questions)
             out.append({"request": question, "calls": [], "answer": answer})
@@ -131,3 +133,45 @@ def requests(count: int, *, split: str = "train", seed: int = 0, single_only: bo
             (a, call_a), (b, call_b) = _one(rng, first, split), _one(rng, second, split)
             out.append({"request": rng.choice(PAIRS).format(a=a, b=b), "calls": [call_a, call_b], "answer": None})
     return out
+
+
+# What the tools give back, for training the turn after a result: the controller shows the backbone
+# each result and asks for a short reply, and a model that never saw that turn calls tools again.
+LABELS = ["tabby cat", "lighthouse", "sports car", "golden retriever", "pizza", "laptop", "mountain bike", "teapot"]
+PASSAGES = {
+    "the team offsite": "The offsite is on the 14th at the lake house.",
+    "the release process": "Releases are cut on Tuesdays after the tests pass.",
+    "the microscope calibration": "Calibrate the microscope every Monday with the grid slide.",
+    "the cold room": "The cold room stays at four degrees; log every opening.",
+    "travel booking": "Book travel through the portal two weeks ahead.",
+    "versioning": "Versions follow major.minor.patch.",
+    "the new hire checklist": "New hires get a laptop, a badge and a buddy.",
+    "the budget review": "The budget review is due at the end of the quarter.",
+}
+
+
+def tool_result(call: dict, rng: random.Random) -> tuple[dict, str]:
+    """A plausible result of `call` (the tool's own return shape) and one sentence that reports it."""
+    name, args = call["name"], call["arguments"]
+    new_audio, new_image = f"audio-{rng.randint(10, 40)}", f"image-{rng.randint(10, 40)}"
+    if name == "transcribe":
+        text = rng.choice(FILLS["sentence"])
+        return ({"audio": args["audio"], "text": text, "language": "en", "seconds": round(rng.uniform(1, 9), 2)},
+                f'{args["audio"]} says: "{text}".')
+    if name == "speak":
+        return {"audio": new_audio, "seconds": round(rng.uniform(1, 4), 2)}, f"I said it aloud: {new_audio}."
+    if name == "describe_image":
+        label = rng.choice(LABELS)
+        return ({"image": args["image"], "labels": [{"label": label, "score": round(rng.uniform(0.4, 0.95), 4)}]},
+                f"{args['image']} shows a {label}.")
+    if name == "generate_image":
+        return {"image": new_image}, f"Here is {args['prompt']}: {new_image}."
+    if name == "generate_audio":
+        return ({"audio": new_audio, "seconds": round(rng.uniform(3, 10), 2)},
+                f"Here is the sound of {args['prompt']}: {new_audio}.")
+    if name == "search_knowledge":
+        passage = PASSAGES[args["query"]]
+        return ({"query": args["query"], "passages": [{"text": passage, "source": "notes.md", "position": 0,
+                                                       "score": round(rng.uniform(0.5, 0.9), 4)}]},
+                f"Your notes on {args['query']} say: {passage}")
+    raise ValueError(f"no result is synthesised for the tool {name!r}")
