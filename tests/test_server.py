@@ -400,7 +400,23 @@ def test_the_servers_turn_queue_runs_sessions_at_once_and_each_session_in_order(
         future.result(timeout=10)
     assert most[0] == 2  # a1 and b1 together; a2 waited for a1
     assert log.index(("end", "a", "a1")) < log.index(("start", "a", "a2"))
-    deadline = time.monotonic() + 5  # done callbacks may run just after result() returns
-    while queue._keys and time.monotonic() < deadline:
-        time.sleep(0.01)
     assert queue._keys == {}  # a session with nothing running or waiting is forgotten
+
+
+def test_a_sessions_waiting_turns_leave_the_workers_to_other_sessions():
+    from agent.server import TurnQueue
+
+    queue = TurnQueue(size=4, workers=2)
+    gate, started = threading.Event(), threading.Event()
+    first = queue.submit(lambda: gate.wait(10), "a")
+    waiting = [queue.submit(lambda: None, "a") for _ in range(3)]  # queued behind a's first turn
+    other = queue.submit(started.set, "b")
+    assert started.wait(5)  # b ran on the second worker while a's three turns waited
+    assert not any(f.done() for f in waiting)
+    gate.set()
+    for future in [first, *waiting, other]:
+        future.result(timeout=10)
+    with pytest.raises(RuntimeError, match="boom"):
+        queue.submit(lambda: (_ for _ in ()).throw(RuntimeError("boom")), "a").result(timeout=10)
+    assert queue.submit(lambda: "after", "a").result(timeout=10) == "after"  # a failed turn frees its session
+    assert queue._keys == {} and queue._admitted == 0
