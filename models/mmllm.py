@@ -327,7 +327,7 @@ class MMLLM(nn.Module):
     @property
     def decoder(self):
         """The decode scheduler that every generation on this model shares (started on first use)."""
-        from models.decoding import DecodeScheduler, PrefixCache, decode_model
+        from models.decoding import DecodeScheduler, PrefixCache, decode_model, weights_version
 
         with self._decoder_lock:
             if self._decoder is None:
@@ -338,8 +338,8 @@ class MMLLM(nn.Module):
                                                 prefix_cache=PrefixCache())
             # LoRA merged for decoding, rebuilt (and reused prefixes dropped) when training changes a weight:
             # tensors count their in-place writes
-            version = sum(p._version for p in self.backbone.model.parameters())
-            self._decoder.use(decode_model(self.backbone.model), version)
+            version = weights_version(self.backbone.model)
+            self._decoder.use(decode_model(self.backbone.model, version=version), version)
             return self._decoder
 
     @torch.no_grad()

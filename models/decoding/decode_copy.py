@@ -27,16 +27,22 @@ _copies: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionar
 _lock = threading.Lock()
 
 
-def decode_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def weights_version(model: nn.Module) -> int:
+    """A number that changes whenever one of the model's weights is written in place."""
+    return sum(p._version for p in model.parameters())
+
+
+def decode_model(model: nn.Module, dtype: torch.dtype | None = None, *, version: int | None = None) -> nn.Module:
     """The model to decode with: LoRA merged, in `dtype` if given, linears packed for the CPU
-    where they can be; the model itself when none of that applies."""
+    where they can be; the model itself when none of that applies. `version` is
+    `weights_version(model)` where the caller has it already."""
     current = next(model.parameters()).dtype
     target = dtype or current
     merge = hasattr(model, "merge_and_unload")
     pack = packable(torch.empty(0, dtype=target, device=next(model.parameters()).device))
     if not merge and target == current and not pack:
         return model
-    key = sum(p._version for p in model.parameters())
+    key = weights_version(model) if version is None else version
     with _lock:
         copies = _copies.setdefault(model, {})
         cached = copies.get(target)
