@@ -81,7 +81,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     scheduler = DecodeScheduler(fast, stop_ids=stops, max_batch=max(sessions))
 
     def scheduled(batch: list[torch.Tensor]) -> list[list[int]]:
-        futures = [scheduler.submit(DecodeRequest(p, new_tokens, processors())) for p in batch]
+        futures = scheduler.submit_all([DecodeRequest(p, new_tokens, processors()) for p in batch])
         return [cut(f.result()) for f in futures]
 
     # every side runs off the main thread, as the scheduler's loop does: on a busy machine the main
@@ -203,7 +203,7 @@ def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, result
     scheduler = DecodeScheduler(decode_model(loaded, torch.bfloat16), stop_ids=stops, max_batch=len(embeds))
 
     def scheduled(batch):
-        futures = [scheduler.submit(DecodeRequest(p, new_tokens, processors())) for p in batch]
+        futures = scheduler.submit_all([DecodeRequest(p, new_tokens, processors()) for p in batch])
         return [cut(f.result()) for f in futures]
 
     timed(scheduled, [embeds[0][:8]])  # warm-up
