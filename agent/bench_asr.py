@@ -43,16 +43,15 @@ def asr(profile_name: str, *, repeats: int = 3) -> dict:
     load_s = time.perf_counter() - start
     clips = _clips(profile)
     transcriber.transcribe(*clips[0][1:])  # first-call set-up is load time, not transcription
-    seconds = audio = 0.0
+    audio = sum(len(samples) / rate for _, samples, rate in clips)  # seconds of audio in one pass
+    seconds = 0.0  # processing time over all passes
     texts = {}
     for name, samples, rate in clips:
         for _ in range(repeats):
             start = time.perf_counter()
             transcript = transcriber.transcribe(samples, rate)
             seconds += time.perf_counter() - start
-            audio += len(samples) / rate
         texts[name] = transcript.text
     return {"profile": profile.name, "transcriber": f"{profile.transcriber.kind} {profile.transcriber.source}",
-            "clips": len(clips), "repeats": repeats, "audio_s": round(audio / repeats, 2),
-            "processing_s": round(seconds, 3),
-            "rtf": round(seconds / audio, 4), "load_s": round(load_s, 2), "transcripts": texts}
+            "clips": len(clips), "repeats": repeats, "audio_s": round(audio, 2), "processing_s": round(seconds, 3),
+            "rtf": round(seconds / (audio * repeats), 4), "load_s": round(load_s, 2), "transcripts": texts}

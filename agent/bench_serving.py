@@ -38,8 +38,8 @@ def free_port() -> int:
 class ServeProcess:
     """`signalgraph serve` in a child process, on 127.0.0.1, over `data_dir`.
 
-    `config` adds agent-config keys (e.g. `max_new_tokens`). Start it with `start()` (or `with`),
-    then `wait_ready()`; `kill()` is SIGKILL, the crash the recovery test needs."""
+    `config` adds agent-config keys (e.g. `max_new_tokens`). Start it with `start()`, then
+    `wait_ready()`; `kill()` is SIGKILL, the crash the recovery test needs."""
 
     def __init__(self, data_dir: Path, profile: str, *, queue: int = 8, config: dict | None = None,
                  log: Path | None = None):
@@ -118,12 +118,6 @@ class ServeProcess:
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
 
-    def __enter__(self) -> ServeProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 @dataclass
 class StreamedTurn:
@@ -167,9 +161,8 @@ def _body(model: str, text: str) -> dict:
     return {"model": model, "stream": True, "messages": [{"role": "user", "content": text}]}
 
 
-def stream_turn(url: str, model: str, session: str, text: str, *, timeout: float = 600,
-                on_first_token=None) -> StreamedTurn:
-    """One streamed turn in `session`; `on_first_token()` is called as the first text arrives."""
+def stream_turn(url: str, model: str, session: str, text: str, *, timeout: float = 600) -> StreamedTurn:
+    """One streamed turn in `session`."""
     started = time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=_body(model, text), timeout=timeout,
                       headers={"X-Session-Id": session}) as response:
@@ -178,11 +171,8 @@ def stream_turn(url: str, model: str, session: str, text: str, *, timeout: float
             turn.error = response.read().decode(errors="replace")
         else:
             for data in _events(response.iter_lines()):
-                seen = turn.first_token_s is not None
                 if _take(turn, data, started):
                     break
-                if not seen and turn.first_token_s is not None and on_first_token is not None:
-                    on_first_token()
     turn.text = "".join(turn.chunks)
     turn.seconds = time.perf_counter() - started
     return turn
@@ -226,11 +216,10 @@ def cold_start(profile: str, work_dir: Path) -> dict:
     try:
         server.start()
         ready = server.wait_ready()
-        marks: list[float] = []
-        first = stream_turn(server.url, server.model, "cold", "Hello, who are you?",
-                            on_first_token=lambda: marks.append(time.perf_counter()))
+        sent = time.perf_counter()
+        first = stream_turn(server.url, server.model, "cold", "Hello, who are you?")
         # a reply with no text has no first token: its end stands in for it
-        launched_to_token = (marks[0] if marks else time.perf_counter()) - server.launched
+        launched_to_token = sent - server.launched + (first.first_token_s or first.seconds)
         second = stream_turn(server.url, server.model, "warm", "Hello, who are you?")
     finally:
         server.stop()
