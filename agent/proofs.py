@@ -27,6 +27,27 @@ def seeing_pt_stage(manifest: Path, steps: int, batch_size: int, seed: int) -> d
             "log_every": 5, "checkpoint_every": 50, "seed": seed, "group_by_length": True}
 
 
+def by_kind(predictions: list[dict]) -> dict:
+    """Exact match per kind of question: colour, shape, yes/no; and of the yes/no questions,
+    those whose answer is the rarer one for their wording ("is there a red shape?" yes), which
+    only a model that looks at the image gets right."""
+    from models.training.shape_judge import COLORS, SHAPES
+
+    rarer = {False: "yes", True: "no"}  # asking -> mostly "no"; denying -> mostly "yes"
+    counts: dict[str, list[int]] = {}
+    for p in predictions:
+        expected = p["expected"]
+        kinds = ["colour" if expected in COLORS else "shape" if expected in SHAPES else "yes/no"]
+        if kinds[0] == "yes/no":
+            denying = bool(set(p["question"].lower().replace("?", " ").split()) & {"no", "not"})
+            if expected == rarer[denying]:
+                kinds.append("yes/no, the rarer answer")
+        for kind in kinds:
+            right, total = counts.setdefault(kind, [0, 0])
+            counts[kind] = [right + p["correct"], total + 1]
+    return {kind: {"right": r, "of": n, "accuracy": round(r / n, 4)} for kind, (r, n) in counts.items()}
+
+
 def test_sample(data: Path, count: int, seed: int) -> Path:
     """The fixed random sample of easy-vqa test questions every seeing score is measured on."""
     from models.training.data import easy_vqa_manifest
@@ -46,7 +67,8 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
     data = out_dir / "data"
     started = time.perf_counter()
     # Training asks up to `per_image` questions of an image in one conversation; testing asks one.
-    train_manifest = easy_vqa_manifest("train", data, per_image=per_image, seed=seed)
+    # Its yes/no answers are balanced so that they cannot be told from the question's wording.
+    train_manifest = easy_vqa_manifest("train", data, per_image=per_image, balance_yes_no=True, seed=seed)
     test_manifest = test_sample(data, test_questions, seed)
     config = TrainConfig.from_dict({
         "profile": "local-untrained", "out_dir": str(out_dir / "run"),
@@ -65,7 +87,8 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
         "questions_per_conversation": per_image,
         "train_conversations_seen": {"pt": pt_steps * batch_size, "it": it_steps * batch_size},
         "test_questions": with_image.total, "accuracy": round(with_image.accuracy, 4),
-        "blind_accuracy": round(blind.accuracy, 4), "train_minutes": round(trained / 60, 1),
+        "blind_accuracy": round(blind.accuracy, 4), "by_kind": by_kind(with_image.predictions),
+        "train_minutes": round(trained / 60, 1),
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
         "trainable": {name: stage.counts for name, stage in result.stages.items()},
         "weights": str(result.weights), "profile": str(result.profile),
@@ -75,6 +98,7 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
     (out_dir / "predictions.json").write_text(json.dumps(with_image.predictions, indent=1, default=str))
     print(f"\nseeing: exact match {with_image.accuracy:.1%} on {with_image.total} easy-vqa test questions; "
           f"blind baseline {blind.accuracy:.1%}; trained in {report['train_minutes']} min")
+    print("  " + "; ".join(f"{kind} {v['accuracy']:.1%} of {v['of']}" for kind, v in report["by_kind"].items()))
     for p in examples[:5]:
         print("  ", p)
     return 0

@@ -156,6 +156,44 @@ def test_easy_vqa_conversations_ask_each_question_once_about_one_image(tmp_path)
     assert len(records) < limit
 
 
+def test_balanced_yes_no_questions_cannot_be_answered_from_the_question_alone(tmp_path):
+    pytest.importorskip("easy_vqa")
+    from models.training import easy_vqa_manifest
+    from models.training.shape_judge import COLORS
+
+    def answers(manifest):
+        kinds, other = {}, 0
+        for record in read_manifest(manifest):
+            question, answer = record.messages[0]["content"].lower(), record.messages[1]["content"]
+            if answer not in ("yes", "no"):
+                other += 1
+                continue
+            words = set(question.replace("?", " ").split())
+            kind = (bool(words & set(COLORS)), bool(words & {"no", "not"}))
+            kinds.setdefault(kind, {"yes": 0, "no": 0})[answer] += 1
+        return kinds, other
+
+    skewed, open_questions = answers(easy_vqa_manifest("test", tmp_path, limit=2000))
+    balanced, kept_open = answers(easy_vqa_manifest("test", tmp_path, limit=2000, balance_yes_no=True))
+    assert kept_open == open_questions and len(balanced) == 4  # colour/shape x asking/denying
+    assert all(c["yes"] != c["no"] for c in skewed.values())
+    for kind, count in balanced.items():
+        assert count["yes"] == count["no"] == min(skewed[kind].values())
+
+
+def test_the_seeing_breakdown_counts_the_rarer_yes_no_answers():
+    from agent.proofs import by_kind
+
+    rows = [("What color is it?", "red", True), ("What shape is it?", "circle", False),
+            ("Is there a red shape?", "no", True), ("Is there a red shape?", "yes", False),
+            ("Is there not a circle?", "no", True), ("Is no blue shape present?", "yes", True)]
+    kinds = by_kind([{"question": f"<image>\n{q} Answer with one word.", "expected": e, "correct": c}
+                     for q, e, c in rows])
+    assert kinds["colour"] == {"right": 1, "of": 1, "accuracy": 1.0}
+    assert kinds["shape"]["right"] == 0 and kinds["yes/no"] == {"right": 3, "of": 4, "accuracy": 0.75}
+    assert kinds["yes/no, the rarer answer"] == {"right": 1, "of": 2, "accuracy": 0.5}
+
+
 # --- the feature cache ----------------------------------------------------------------------------
 
 

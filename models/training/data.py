@@ -262,7 +262,8 @@ def _check_signal_spans(record: Record, backbone, ids: list[int]) -> None:
 
 
 def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None, *,
-                      prompt: str = "{question} Answer with one word.", per_image: int = 1, seed: int = 0) -> Path:
+                      prompt: str = "{question} Answer with one word.", per_image: int = 1,
+                      balance_yes_no: bool = False, seed: int = 0) -> Path:
     """Write the `easy-vqa` package's questions for `split` ("train" or "test") as a manifest.
 
     Each line is one question about one image (shapes of one colour); the answer is one word of
@@ -270,6 +271,9 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
     that many of one image's questions, shuffled with `seed`, as LLaVA's instruction data asks
     several questions of one image: the image's tokens are paid for once per conversation rather
     than once per question, so a training step carries several times the answers.
+    `balance_yes_no` keeps, of each kind of yes/no question (about a colour or a shape, asking or
+    denying), as many "yes" as "no" answers: in easy-vqa "is there a red shape?" is "no" 7 times
+    in 8, and a model trained on that answers from the question and never looks at the image.
     Image paths are absolute paths inside the installed package. Returns the manifest's path,
     `out_dir/easy-vqa-{split}[-{limit}][-x{per_image}].jsonl`.
     """
@@ -290,11 +294,14 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
         raise DatasetError(f"per_image must be at least 1, not {per_image}")
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"easy-vqa-{split}{'' if limit is None else f'-{limit}'}{'' if per_image == 1 else f'-x{per_image}'}"
+    name = (f"easy-vqa-{split}{'' if limit is None else f'-{limit}'}{'' if per_image == 1 else f'-x{per_image}'}"
+            f"{'-balanced' if balance_yes_no else ''}")
     manifest = out_dir / f"{name}.jsonl"
     count = len(questions) if limit is None else min(limit, len(questions))
     turns = [(image_id, prompt.format(question=question[:1].upper() + question[1:]), answer)
              for question, answer, image_id in zip(questions[:count], answers[:count], image_ids[:count])]
+    if balance_yes_no:
+        turns = _balanced_yes_no(turns, random.Random(seed))
     if per_image == 1:
         conversations = [[turn] for turn in turns]
     else:
@@ -316,6 +323,24 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
             line = {"messages": messages, "images": [str(Path(paths[conversation[0][0]]).resolve())]}
             fp.write(json.dumps(line) + "\n")
     return manifest
+
+
+def _balanced_yes_no(turns: list[tuple[int, str, str]], rng: random.Random) -> list[tuple[int, str, str]]:
+    """Yes/no questions subsampled so each kind has as many of each answer; the rest kept."""
+    from models.training.shape_judge import COLORS
+
+    kinds: dict[tuple[bool, bool], dict[str, list[int]]] = {}
+    for i, (_, text, answer) in enumerate(turns):
+        if answer in ("yes", "no"):
+            words = set(text.lower().rstrip(".?").replace("?", " ").split())
+            kind = (bool(words & set(COLORS)), bool(words & {"no", "not"}))
+            kinds.setdefault(kind, {"yes": [], "no": []})[answer].append(i)
+    dropped: set[int] = set()
+    for by_answer in kinds.values():
+        fewer = min(len(by_answer["yes"]), len(by_answer["no"]))
+        for indices in by_answer.values():
+            dropped.update(set(indices) - set(rng.sample(indices, fewer)))
+    return [turn for i, turn in enumerate(turns) if i not in dropped]
 
 
 def easy_vqa_shapes(split: str) -> list[tuple[str, str, str]]:
