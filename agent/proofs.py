@@ -193,7 +193,7 @@ def choose_rates(mm, schemas: list[dict], items: list[dict]) -> dict:
     return _choose(BackboneThinker(mm, ConditioningCache(), max_new_tokens=96), schemas, items)
 
 
-def choosing(out: str, *, train_count: int = 2880, per_conversation: int = 3, test_count: int = 60, steps: int = 120,
+def choosing(out: str, *, train_count: int = 1920, per_conversation: int = 3, test_count: int = 60, steps: int = 80,
              batch_size: int = 8, lr: float = 5e-4, resume: bool = False) -> int:
     """LoRA-tune SmolLM2 to call the project's tools; right tool / arguments before and after."""
     from agent.tool_requests import requests
