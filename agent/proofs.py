@@ -193,9 +193,13 @@ def choose_rates(mm, schemas: list[dict], items: list[dict]) -> dict:
     return _choose(BackboneThinker(mm, ConditioningCache(), max_new_tokens=96), schemas, items)
 
 
-def choosing(out: str, *, train_count: int = 1920, per_conversation: int = 3, test_count: int = 60, steps: int = 80,
+def choosing(out: str, *, train_count: int = 1200, sessions: int = 0, test_count: int = 60, steps: int = 150,
              batch_size: int = 8, lr: float = 5e-4, resume: bool = False) -> int:
-    """LoRA-tune SmolLM2 to call the project's tools; right tool / arguments before and after."""
+    """LoRA-tune SmolLM2 to call the project's tools; right tool / arguments before and after.
+
+    `sessions=0` trains on one request a line, answered with its calls. `sessions=N` trains on
+    sessions of N requests, each call followed by its result and a reply, with more two-call
+    requests: README gives both, measured (the second teaches the turn after a result)."""
     from agent.tool_requests import requests
     from graphs.thinker import system_prompt
     from models.mmllm import MMLLM
@@ -213,22 +217,24 @@ def choosing(out: str, *, train_count: int = 1920, per_conversation: int = 3, te
     system = system_prompt(schemas, [])  # exactly what the controller shows the backbone
     manifest = out_dir / "tool-use-train.jsonl"
     with open(manifest, "w") as fp:
-        # more two-call requests than the held-out mix: their second call is the hard part
-        items = requests(train_count, split="train", mix=(50, 35, 15))
-        fp.writelines(json.dumps(line) + "\n" for line in tool_conversation_lines(system, items, per_conversation))
+        if sessions:  # more two-call requests than the held-out mix: their second call is the hard part
+            lines = tool_conversation_lines(system, requests(train_count, split="train", mix=(50, 35, 15)), sessions)
+        else:
+            lines = tool_use_lines(system, requests(train_count, split="train"))
+        fp.writelines(json.dumps(line) + "\n" for line in lines)
     heldout = requests(test_count, split="heldout")
     before = choose_rates(MMLLM.from_profile(profile), schemas, heldout)
     config = TrainConfig.from_dict({
         "profile": "local-untrained", "out_dir": str(out_dir / "run"),
         "stages": [{"name": "it", "data": [str(manifest)], "steps": steps, "batch_size": batch_size, "lr": lr,
-                    "log_every": 5, "checkpoint_every": 40, "group_by_length": True,
+                    "log_every": 5, "checkpoint_every": 40, "group_by_length": bool(sessions),
                     "train": {"input_projectors": False, "output_projectors": False, "backbone": "lora",
                               "new_token_embeddings": False}}],
     })
     result = train(config, resume=resume, overwrite=not resume)
     tuned = MMLLM.from_profile(load_profile(str(result.profile)))
     after = choose_rates(tuned, schemas, heldout)
-    report = {"train_requests": train_count, "requests_per_conversation": per_conversation,
+    report = {"train_requests": train_count, "requests_per_session": sessions,
               "heldout_requests": test_count, "steps": steps, "batch_size": batch_size,
               "before": {k: v for k, v in before.items() if k != "rows"},
               "after": {k: v for k, v in after.items() if k != "rows"},
