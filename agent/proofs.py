@@ -21,10 +21,10 @@ def _sample(manifest: Path, count: int, seed: int) -> Path:
     return out
 
 
-def seeing_pt_stage(manifest: Path, steps: int, batch_size: int, seed: int) -> dict:
+def seeing_pt_stage(manifest: Path, steps: int, batch_size: int, seed: int, *, group_by_length: bool = False) -> dict:
     """The input projector learns to map image features to the answers; the backbone is frozen."""
     return {"name": "pt", "data": [str(manifest)], "steps": steps, "batch_size": batch_size, "lr": 1e-3,
-            "log_every": 5, "checkpoint_every": 50, "seed": seed, "group_by_length": True}
+            "log_every": 5, "checkpoint_every": 50, "seed": seed, "group_by_length": group_by_length}
 
 
 def by_kind(predictions: list[dict]) -> dict:
@@ -73,7 +73,7 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
     config = TrainConfig.from_dict({
         "profile": "local-untrained", "out_dir": str(out_dir / "run"),
         "stages": [
-            seeing_pt_stage(train_manifest, pt_steps, batch_size, seed),
+            seeing_pt_stage(train_manifest, pt_steps, batch_size, seed, group_by_length=True),
             {"name": "it", "data": [str(train_manifest)], "steps": it_steps, "batch_size": batch_size,
              "lr": 2e-4, "log_every": 5, "checkpoint_every": 50, "seed": seed + 1, "group_by_length": True},
         ],
