@@ -31,6 +31,7 @@ def by_kind(predictions: list[dict]) -> dict:
     """Exact match per kind of question: colour, shape, yes/no; and of the yes/no questions,
     those whose answer is the rarer one for their wording ("is there a red shape?" yes), which
     only a model that looks at the image gets right."""
+    from models.training.data import yes_no_kind
     from models.training.shape_judge import COLORS, SHAPES
 
     rarer = {False: "yes", True: "no"}  # asking -> mostly "no"; denying -> mostly "yes"
@@ -39,8 +40,7 @@ def by_kind(predictions: list[dict]) -> dict:
         expected = p["expected"]
         kinds = ["colour" if expected in COLORS else "shape" if expected in SHAPES else "yes/no"]
         if kinds[0] == "yes/no":
-            denying = bool(set(p["question"].lower().replace("?", " ").split()) & {"no", "not"})
-            if expected == rarer[denying]:
+            if expected == rarer[yes_no_kind(p["question"])[1]]:
                 kinds.append("yes/no, the rarer answer")
         for kind in kinds:
             right, total = counts.setdefault(kind, [0, 0])

@@ -325,16 +325,21 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
     return manifest
 
 
-def _balanced_yes_no(turns: list[tuple[int, str, str]], rng: random.Random) -> list[tuple[int, str, str]]:
-    """Yes/no questions subsampled so each kind has as many of each answer; the rest kept."""
+def yes_no_kind(question: str) -> tuple[bool, bool]:
+    """(names a colour, denies) of an easy-vqa yes/no question: "is there not a red shape?" is
+    (True, True). Asking questions are mostly "no" in easy-vqa, denying ones mostly "yes"."""
     from models.training.shape_judge import COLORS
 
+    words = set(question.lower().replace("?", " ").replace(".", " ").split())
+    return bool(words & set(COLORS)), bool(words & {"no", "not"})
+
+
+def _balanced_yes_no(turns: list[tuple[int, str, str]], rng: random.Random) -> list[tuple[int, str, str]]:
+    """Yes/no questions subsampled so each kind has as many of each answer; the rest kept."""
     kinds: dict[tuple[bool, bool], dict[str, list[int]]] = {}
     for i, (_, text, answer) in enumerate(turns):
         if answer in ("yes", "no"):
-            words = set(text.lower().rstrip(".?").replace("?", " ").split())
-            kind = (bool(words & set(COLORS)), bool(words & {"no", "not"}))
-            kinds.setdefault(kind, {"yes": [], "no": []})[answer].append(i)
+            kinds.setdefault(yes_no_kind(text), {"yes": [], "no": []})[answer].append(i)
     dropped: set[int] = set()
     for by_answer in kinds.values():
         fewer = min(len(by_answer["yes"]), len(by_answer["no"]))
