@@ -48,15 +48,16 @@ def by_kind(predictions: list[dict]) -> dict:
     return {kind: {"right": r, "of": n, "accuracy": round(r / n, 4)} for kind, (r, n) in counts.items()}
 
 
-def test_sample(data: Path, count: int, seed: int) -> Path:
-    """The fixed random sample of easy-vqa test questions every seeing score is measured on."""
+def test_sample(data: Path, count: int, seed: int, *, reason_yes_no: bool = False) -> Path:
+    """The fixed random sample of easy-vqa test questions every seeing score is measured on (the
+    same questions either way; `reason_yes_no` only rewords the yes/no ones' instruction)."""
     from models.training.data import easy_vqa_manifest
 
-    return _sample(easy_vqa_manifest("test", data), count, seed)
+    return _sample(easy_vqa_manifest("test", data, reason_yes_no=reason_yes_no), count, seed)
 
 
 def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: int = 16, per_image: int = 4,
-           test_questions: int = 1000, resume: bool = False, seed: int = 0) -> int:
+           reason_yes_no: bool = True, test_questions: int = 1000, resume: bool = False, seed: int = 0) -> int:
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from models.training.data import easy_vqa_manifest
@@ -68,8 +69,10 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
     started = time.perf_counter()
     # Training asks up to `per_image` questions of an image in one conversation; testing asks one.
     # (Balancing the yes/no answers, `balance_yes_no`, made them chance within this budget: README.)
-    train_manifest = easy_vqa_manifest("train", data, per_image=per_image, seed=seed)
-    test_manifest = test_sample(data, test_questions, seed)
+    # With `reason_yes_no` a yes/no answer first says what it is about ("It is blue. No."), and
+    # the reply's last word is scored.
+    train_manifest = easy_vqa_manifest("train", data, per_image=per_image, reason_yes_no=reason_yes_no, seed=seed)
+    test_manifest = test_sample(data, test_questions, seed, reason_yes_no=reason_yes_no)
     config = TrainConfig.from_dict({
         "profile": "local-untrained", "out_dir": str(out_dir / "run"),
         "stages": [
@@ -81,10 +84,11 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
     result = train(config, resume=resume, overwrite=not resume)
     trained = time.perf_counter() - started
     mm = MMLLM.from_profile(load_profile(str(result.profile)))
-    with_image = evaluate(mm, test_manifest, max_new_tokens=4)
-    blind = evaluate(mm, test_manifest, blind=True, max_new_tokens=4)
+    scoring = {"max_new_tokens": 10, "last_word": True} if reason_yes_no else {"max_new_tokens": 4}
+    with_image = evaluate(mm, test_manifest, **scoring)
+    blind = evaluate(mm, test_manifest, blind=True, **scoring)
     report = {
-        "questions_per_conversation": per_image,
+        "questions_per_conversation": per_image, "reason_yes_no": reason_yes_no,
         "train_conversations_seen": {"pt": pt_steps * batch_size, "it": it_steps * batch_size},
         "test_questions": with_image.total, "accuracy": round(with_image.accuracy, 4),
         "blind_accuracy": round(blind.accuracy, 4), "by_kind": by_kind(with_image.predictions),
@@ -193,8 +197,9 @@ def choose_rates(mm, schemas: list[dict], items: list[dict]) -> dict:
     return _choose(BackboneThinker(mm, ConditioningCache(), max_new_tokens=96), schemas, items)
 
 
-def choosing(out: str, *, train_count: int = 1200, sessions: int = 0, test_count: int = 60, steps: int = 150,
-             batch_size: int = 8, lr: float = 5e-4, resume: bool = False) -> int:
+def choosing(out: str, *, train_count: int = 1200, sessions: int = 0, mix: tuple[int, int, int] = (60, 25, 15),
+             test_count: int = 60, steps: int = 150, batch_size: int = 8, lr: float = 5e-4,
+             resume: bool = False) -> int:
     """LoRA-tune SmolLM2 to call the project's tools; right tool / arguments before and after.
 
     `sessions=0` trains on one request a line, answered with its calls. `sessions=N` trains on
@@ -217,10 +222,11 @@ def choosing(out: str, *, train_count: int = 1200, sessions: int = 0, test_count
     system = system_prompt(schemas, [])  # exactly what the controller shows the backbone
     manifest = out_dir / "tool-use-train.jsonl"
     with open(manifest, "w") as fp:
-        if sessions:  # more two-call requests than the held-out mix: their second call is the hard part
-            lines = tool_conversation_lines(system, requests(train_count, split="train", mix=(50, 35, 15)), sessions)
+        train_requests = requests(train_count, split="train", mix=mix)
+        if sessions:
+            lines = tool_conversation_lines(system, train_requests, sessions)
         else:
-            lines = tool_use_lines(system, requests(train_count, split="train"))
+            lines = tool_use_lines(system, train_requests)
         fp.writelines(json.dumps(line) + "\n" for line in lines)
     heldout = requests(test_count, split="heldout")
     before = choose_rates(MMLLM.from_profile(profile), schemas, heldout)
@@ -234,7 +240,7 @@ def choosing(out: str, *, train_count: int = 1200, sessions: int = 0, test_count
     result = train(config, resume=resume, overwrite=not resume)
     tuned = MMLLM.from_profile(load_profile(str(result.profile)))
     after = choose_rates(tuned, schemas, heldout)
-    report = {"train_requests": train_count, "requests_per_session": sessions,
+    report = {"train_requests": train_count, "requests_per_session": sessions, "mix": list(mix),
               "heldout_requests": test_count, "steps": steps, "batch_size": batch_size,
               "before": {k: v for k, v in before.items() if k != "rows"},
               "after": {k: v for k, v in after.items() if k != "rows"},

@@ -181,6 +181,43 @@ def test_balanced_yes_no_questions_cannot_be_answered_from_the_question_alone(tm
         assert count["yes"] == count["no"] == min(skewed[kind].values())
 
 
+def test_reasoned_yes_no_answers_say_what_the_question_is_about_then_answer(tmp_path):
+    easy_vqa = pytest.importorskip("easy_vqa")
+    from models.training import easy_vqa_manifest
+    from models.training.data import easy_vqa_shapes
+
+    facts = {path: (colour, shape) for path, colour, shape in easy_vqa_shapes("train")}
+    plain = read_manifest(easy_vqa_manifest("train", tmp_path, limit=400))
+    reasoned = read_manifest(easy_vqa_manifest("train", tmp_path, limit=400, reason_yes_no=True))
+    checked = 0
+    for record in reasoned:
+        question, answer = record.messages[0]["content"], record.messages[1]["content"]
+        if not question.endswith("Say what you see, then answer yes or no."):
+            assert answer not in ("yes", "no")
+            continue
+        said, reply = answer.rstrip(".").split(". ")
+        assert reply in ("Yes", "No")
+        path = str(record.media["image"][0])
+        if path in facts:  # "It is blue." names the colour; "It is a circle." the shape
+            colour, shape = facts[path]
+            assert said == (f"It is a {shape}" if said.startswith("It is a ") else f"It is {colour}")
+            checked += 1
+    assert checked > 100
+    assert sorted(r.messages[1]["content"] for r in plain if r.messages[1]["content"] not in ("yes", "no")) == \
+        sorted(r.messages[1]["content"] for r in reasoned if not r.messages[1]["content"].endswith("."))
+    test = read_manifest(easy_vqa_manifest("test", tmp_path, limit=50, reason_yes_no=True))
+    assert len(test) == 50 and {r.messages[1]["content"] for r in test} <= set(easy_vqa.get_answers())
+
+
+def test_answers_match_whole_or_by_the_last_word():
+    from models.training.trainer import answers_match
+
+    assert answers_match("Circle.", "circle") and not answers_match("It is a circle.", "circle")
+    assert answers_match("It is blue. No.", "no", last_word=True)
+    assert not answers_match("It is blue. No.", "yes", last_word=True)
+    assert not answers_match("", "no", last_word=True)
+
+
 def test_the_seeing_breakdown_counts_the_rarer_yes_no_answers():
     from agent.proofs import by_kind
 

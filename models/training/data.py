@@ -263,7 +263,7 @@ def _check_signal_spans(record: Record, backbone, ids: list[int]) -> None:
 
 def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None, *,
                       prompt: str = "{question} Answer with one word.", per_image: int = 1,
-                      balance_yes_no: bool = False, seed: int = 0) -> Path:
+                      balance_yes_no: bool = False, reason_yes_no: bool = False, seed: int = 0) -> Path:
     """Write the `easy-vqa` package's questions for `split` ("train" or "test") as a manifest.
 
     Each line is one question about one image (shapes of one colour); the answer is one word of
@@ -274,8 +274,13 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
     `balance_yes_no` keeps, of each kind of yes/no question (about a colour or a shape, asking or
     denying), as many "yes" as "no" answers: in easy-vqa "is there a red shape?" is "no" 7 times
     in 8, and a model trained on that answers from the question and never looks at the image.
+    `reason_yes_no` asks yes/no questions with `REASONED_PROMPT`, and in the train split answers
+    them by first naming what the question is about, then the answer ("is there a red shape?" ->
+    "It is blue. No."): the model states what it sees, where comparing it with the question's word
+    is a lookup in text; its train turns whose colour or shape the split never tells are dropped.
+    The test split keeps the bare answer, the reply's last word being what is scored.
     Image paths are absolute paths inside the installed package. Returns the manifest's path,
-    `out_dir/easy-vqa-{split}[-{limit}][-x{per_image}].jsonl`.
+    `out_dir/easy-vqa-{split}[-{limit}][-x{per_image}][-balanced][-reasoned].jsonl`.
     """
     try:
         import easy_vqa
@@ -295,13 +300,16 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     name = (f"easy-vqa-{split}{'' if limit is None else f'-{limit}'}{'' if per_image == 1 else f'-x{per_image}'}"
-            f"{'-balanced' if balance_yes_no else ''}")
+            f"{'-balanced' if balance_yes_no else ''}{'-reasoned' if reason_yes_no else ''}")
     manifest = out_dir / f"{name}.jsonl"
     count = len(questions) if limit is None else min(limit, len(questions))
-    turns = [(image_id, prompt.format(question=question[:1].upper() + question[1:]), answer)
+    turns = [(image_id, (REASONED_PROMPT if reason_yes_no and answer in ("yes", "no") else prompt).format(
+                 question=question[:1].upper() + question[1:]), answer)
              for question, answer, image_id in zip(questions[:count], answers[:count], image_ids[:count])]
     if balance_yes_no:
         turns = _balanced_yes_no(turns, random.Random(seed))
+    if reason_yes_no and split == "train":
+        turns = _reasoned_yes_no(turns, _easy_vqa_facts(questions, answers, image_ids))
     if per_image == 1:
         conversations = [[turn] for turn in turns]
     else:
@@ -330,7 +338,7 @@ def yes_no_kind(question: str) -> tuple[bool, bool]:
     (True, True). Asking questions are mostly "no" in easy-vqa, denying ones mostly "yes"."""
     from models.training.shape_judge import COLORS
 
-    words = set(question.lower().replace("?", " ").replace(".", " ").split())
+    words = set(question.lower().split("?")[0].split())  # the question itself, not the instruction after it
     return bool(words & set(COLORS)), bool(words & {"no", "not"})
 
 
@@ -359,6 +367,15 @@ def easy_vqa_shapes(split: str) -> list[tuple[str, str, str]]:
         raise DatasetError(f"easy-vqa has splits 'train' and 'test', not {split!r}")
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    known = _easy_vqa_facts(questions, answers, image_ids)
+    return [(str(Path(paths[i]).resolve()), f["color"], f["shape"])
+            for i, f in sorted(known.items()) if {"color", "shape"} <= f.keys()]
+
+
+def _easy_vqa_facts(questions: list[str], answers: list[str], image_ids: list[int]) -> dict[int, dict[str, str]]:
+    """{image: {"color": ..., "shape": ...}} as far as the image's questions and answers tell."""
+    from models.training.shape_judge import COLORS, SHAPES
+
     known: dict[int, dict[str, str]] = {}
     for question, answer, image in zip(questions, answers, image_ids):
         words = set(question.rstrip("?").split())
@@ -369,5 +386,21 @@ def easy_vqa_shapes(split: str) -> list[tuple[str, str, str]]:
         elif (answer == "yes") == bool(words & {"no", "not"}):  # a denial: "is there not a red shape?" yes
             continue
         facts.update({kind: next(iter(found)) for kind, found in named.items() if len(found) == 1})
-    return [(str(Path(paths[i]).resolve()), f["color"], f["shape"])
-            for i, f in sorted(known.items()) if {"color", "shape"} <= f.keys()]
+    return known
+
+
+REASONED_PROMPT = "{question} Say what you see, then answer yes or no."
+
+
+def _reasoned_yes_no(turns: list[tuple[int, str, str]], facts: dict[int, dict[str, str]]) -> list[tuple[int, str, str]]:
+    """Yes/no turns answered "It is blue. No.", dropping those whose colour or shape is unknown."""
+    out = []
+    for image_id, text, answer in turns:
+        if answer not in ("yes", "no"):
+            out.append((image_id, text, answer))
+            continue
+        about_colour, _ = yes_no_kind(text)
+        fact = facts.get(image_id, {}).get("color" if about_colour else "shape")
+        if fact is not None:
+            out.append((image_id, text, f"It is {fact if about_colour else 'a ' + fact}. {answer.capitalize()}."))
+    return out

@@ -627,6 +627,12 @@ def normalise_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def answers_match(answer: str, expected: str, *, last_word: bool = False) -> bool:
+    """Normalised exact match, of the whole answers or (`last_word`) of their last words."""
+    said, wanted = normalise_answer(answer), normalise_answer(expected)
+    return said.split()[-1:] == wanted.split()[-1:] if last_word else said == wanted
+
+
 @dataclass
 class EvalResult:
     accuracy: float
@@ -637,8 +643,10 @@ class EvalResult:
 
 
 def evaluate(mm, manifest: str | Path | list[Record], *, blind: bool = False, limit: int | None = None,
-             max_new_tokens: int = 16, batch_size: int = 16, progress: bool = True) -> EvalResult:
-    """Exact-match accuracy of greedy answers to each line's last assistant turn.
+             max_new_tokens: int = 16, batch_size: int = 16, last_word: bool = False,
+             progress: bool = True) -> EvalResult:
+    """Exact-match accuracy of greedy answers to each line's last assistant turn (with `last_word`,
+    of the answer's last word: for replies that say what they see before answering).
 
     The prompt is the conversation before that turn, with its media. `blind=True` drops the media
     and their placeholders: the text-only baseline (how far the questions alone get). Questions
@@ -677,7 +685,7 @@ def evaluate(mm, manifest: str | Path | list[Record], *, blind: bool = False, li
             for record, (prompt, _), out in zip(chunk, asked, outs, strict=True):
                 answer = out.text.split(mm.backbone.tokenizer.eos_token or "\0")[0]
                 expected = record.messages[len(prompt)]["content"]
-                ok = normalise_answer(answer) == normalise_answer(expected)
+                ok = answers_match(answer, expected, last_word=last_word)
                 correct += ok
                 question = prompt[-1]["content"] if prompt else ""
                 predictions.append({"where": record.where, "question": question, "expected": expected,
