@@ -197,14 +197,16 @@ def choose_rates(mm, schemas: list[dict], items: list[dict]) -> dict:
     return _choose(BackboneThinker(mm, ConditioningCache(), max_new_tokens=96), schemas, items)
 
 
-def choosing(out: str, *, train_count: int = 1200, sessions: int = 0, mix: tuple[int, int, int] = (60, 25, 15),
+def choosing(out: str, *, train_count: int = 1200, sessions: int = 0, mix: tuple[int, int, int] = (45, 40, 15),
              test_count: int = 60, steps: int = 150, batch_size: int = 8, lr: float = 5e-4,
              resume: bool = False) -> int:
     """LoRA-tune SmolLM2 to call the project's tools; right tool / arguments before and after.
 
     `sessions=0` trains on one request a line, answered with its calls. `sessions=N` trains on
-    sessions of N requests, each call followed by its result and a reply, with more two-call
-    requests: README gives both, measured (the second teaches the turn after a result)."""
+    sessions of N requests, each call followed by its result and a reply: README gives both,
+    measured (the second teaches the turn after a result). `mix` weighs the training requests'
+    kinds (one call, two calls, no tool); two calls weigh more than in the held-out set (25%),
+    as their second call is what a model gets wrong."""
     from agent.tool_requests import requests
     from graphs.thinker import system_prompt
     from models.mmllm import MMLLM
