@@ -383,7 +383,7 @@ def _easy_vqa_facts(questions: list[str], answers: list[str], image_ids: list[in
         named = {"color": words & set(COLORS), "shape": words & set(SHAPES)}
         if answer in COLORS or answer in SHAPES:  # "what color is the circle?" red; "what is the blue shape?"
             named["color" if answer in COLORS else "shape"] = {answer}
-        elif (answer == "yes") == bool(words & {"no", "not"}):  # a denial: "is there not a red shape?" yes
+        elif (answer == "yes") == yes_no_kind(question)[1]:  # a denial: "is there not a red shape?" yes
             continue
         facts.update({kind: next(iter(found)) for kind, found in named.items() if len(found) == 1})
     return known
