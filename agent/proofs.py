@@ -56,7 +56,26 @@ def test_sample(data: Path, count: int, seed: int, *, reason_yes_no: bool = Fals
     return _sample(easy_vqa_manifest("test", data, reason_yes_no=reason_yes_no), count, seed)
 
 
+# LoRA on every linear layer of the backbone, not only attention: answering "is there a red shape?"
+# means comparing the question's word with what the image shows, and on text alone ("The shape is
+# blue. Is there a red shape?", balanced yes/no) 120 steps taught that comparison to 100% with this
+# adapter at lr 5e-4, but only to 62% with rank 8 on q/k/v/o at 2e-4 (README).
+SEEING_LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                        "gate_proj", "up_proj", "down_proj"]}
+
+
+def seeing_profile(out_dir: Path, lora: dict | None) -> str:
+    """The profile the seeing proof trains from: `local-untrained`, with `lora` as its adapter's shape."""
+    if lora is None:
+        return "local-untrained"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "train-profile.yaml"
+    path.write_text(f"extends: local-untrained\nbackbone:\n  lora: {json.dumps(lora)}\n")
+    return str(path)
+
+
 def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: int = 16, per_image: int = 4,
+           lora: dict | None = SEEING_LORA, it_lr: float = 5e-4,
            reason_yes_no: bool = False, balance_yes_no: bool = False, test_questions: int = 1000,
            resume: bool = False, seed: int = 0) -> int:
     from models.mmllm import MMLLM
@@ -76,11 +95,11 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
                                        balance_yes_no=balance_yes_no, seed=seed)
     test_manifest = test_sample(data, test_questions, seed, reason_yes_no=reason_yes_no)
     config = TrainConfig.from_dict({
-        "profile": "local-untrained", "out_dir": str(out_dir / "run"),
+        "profile": seeing_profile(out_dir, lora), "out_dir": str(out_dir / "run"),
         "stages": [
             seeing_pt_stage(train_manifest, pt_steps, batch_size, seed, group_by_length=True),
             {"name": "it", "data": [str(train_manifest)], "steps": it_steps, "batch_size": batch_size,
-             "lr": 2e-4, "log_every": 5, "checkpoint_every": 50, "seed": seed + 1, "group_by_length": True},
+             "lr": it_lr, "log_every": 5, "checkpoint_every": 50, "seed": seed + 1, "group_by_length": True},
         ],
     })
     result = train(config, resume=resume, overwrite=not resume)
@@ -90,7 +109,7 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
     with_image = evaluate(mm, test_manifest, **scoring)
     blind = evaluate(mm, test_manifest, blind=True, **scoring)
     report = {
-        "questions_per_conversation": per_image, "reason_yes_no": reason_yes_no, "balance_yes_no": balance_yes_no,
+        "questions_per_conversation": per_image, "lora": lora, "it_lr": it_lr, "reason_yes_no": reason_yes_no, "balance_yes_no": balance_yes_no,
         "train_conversations_seen": {"pt": pt_steps * batch_size, "it": it_steps * batch_size},
         "test_questions": with_image.total, "accuracy": round(with_image.accuracy, 4),
         "blind_accuracy": round(blind.accuracy, 4), "by_kind": by_kind(with_image.predictions),

@@ -231,6 +231,21 @@ def test_the_seeing_breakdown_counts_the_rarer_yes_no_answers():
     assert kinds["yes/no, the rarer answer"] == {"right": 1, "of": 2, "accuracy": 0.5}
 
 
+def test_the_seeing_proof_adapts_every_linear_layer_of_the_backbone(tmp_path, tiny_backbone):
+    from agent.proofs import SEEING_LORA, seeing_profile
+    from models.profiles import load_profile
+    from models.specs import LoraSpec
+
+    spec = load_profile(seeing_profile(tmp_path, SEEING_LORA)).backbone.lora
+    assert spec == LoraSpec(**SEEING_LORA)
+    assert seeing_profile(tmp_path, None) == "local-untrained"
+    tiny_backbone.freeze()
+    tiny_backbone.enable_lora(spec)
+    layer = tiny_backbone.model.get_base_model().model.layers[0]
+    adapted = {name.split(".lora_A")[0].split(".")[-1] for name, _ in layer.named_parameters() if "lora_A" in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 # --- the feature cache ----------------------------------------------------------------------------
 
 
