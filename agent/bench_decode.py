@@ -8,6 +8,9 @@
   requests served one after another by the same scheduler (aggregate tokens/s). Its ceiling is
   what no scheduler passes while a step for all rows costs at least a step for one: the tokens of
   all sessions over the longest session's, since the batch shrinks as sessions finish.
+- fixed length: the N requests all at once against one at a time again, but every request decodes
+  exactly --tokens tokens (stop tokens do not end it, as serving engines' throughput benchmarks
+  run), so the batch stays full to the end and the ceiling is N: what batching alone gains.
 - sustained sessions: N sessions that each take the next request from a shared queue as soon as
   they are answered (every prompt --rounds times), so the batch stays full until the queue runs
   dry, against the same requests one at a time.
@@ -97,7 +100,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
         return worker.submit(run).result()
 
     steps = ["warm-up", "generate, as loaded", "generate, merged", "scheduler, one at a time",
-             *[f"scheduler, {n} at once" for n in sessions], "sustained", "bf16", "second turns"]
+             *[f"scheduler, {n} at once" for n in sessions], "fixed length", "sustained", "bf16", "second turns"]
     bar = tqdm(steps, desc="decode bench", unit="step")
     bar.set_postfix_str(steps[0])
     for fn in (lambda: generate(loaded, embeds[0][:8]), lambda: generate(fast, embeds[0][:8]),
@@ -154,6 +157,9 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
             "ratio_ceiling": round(sum(len(o) for o in outs) / max(1, max(len(o) for o in outs)), 2),
             "same_tokens_as_one_at_a_time": outs == results["scheduled"][0][:n],
             "threads": torch.get_num_threads()})
+    bar.set_postfix_str("fixed length")
+    rows.append(_fixed_length(fast, embeds[:n_single], new_tokens, timed, processors, profile_name))
+    bar.update()
     bar.set_postfix_str("sustained")
     rows.append(_sustained(scheduled, embeds[:n_single], rounds, timed, results, rate("scheduled", n_single),
                            peak, profile_name, new_tokens))
@@ -171,6 +177,33 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     scheduler.close()
     worker.shutdown()
     return rows
+
+
+def _fixed_length(model, embeds, new_tokens, timed, processors, profile_name) -> dict:
+    """The requests decode `new_tokens` each, no stop token ending one: all at once against one at a time."""
+    from models.decoding import DecodeRequest, DecodeScheduler
+
+    scheduler = DecodeScheduler(model, stop_ids=[], max_batch=len(embeds))
+
+    def scheduled(batch):
+        futures = scheduler.submit_all([DecodeRequest(p, new_tokens, processors()) for p in batch])
+        return [f.result() for f in futures]
+
+    alone, seconds = [], 0.0
+    for prompt in embeds:
+        out, spent = timed(scheduled, [prompt])
+        alone += out
+        seconds += spent
+    together, spent = timed(scheduled, embeds)
+    scheduler.close()
+    one_at_a_time, at_once = sum(map(len, alone)) / seconds, sum(map(len, together)) / spent
+    n = len(embeds)
+    return {"benchmark": "concurrent sessions, fixed length",
+            "setting": f"{profile_name}, {n} sessions, {new_tokens} new tokens each (stop tokens ignored)",
+            "value": round(at_once, 2), "unit": "tokens/s (all sessions)", "baseline": round(one_at_a_time, 2),
+            "baseline_unit": "tokens/s, the same requests one at a time", "ratio": round(at_once / one_at_a_time, 2),
+            "ratio_ceiling": n, "same_tokens_as_one_at_a_time": together == alone,
+            "threads": torch.get_num_threads()}
 
 
 def _sustained(scheduled, embeds, rounds, timed, results, one_at_a_time, peak, profile_name, new_tokens) -> dict:

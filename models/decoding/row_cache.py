@@ -112,14 +112,18 @@ class RowCache(Cache):
     def step_mask(self) -> torch.Tensor | None:
         """The attention mask for one decode step (rows, 1, 1, length + 1), None when no row is padded.
 
-        The step's own column is marked valid here; `advance` then counts it as filled.
+        It is additive (0 where a row attends, -inf on its padding), in the cache's dtype: SDPA on a
+        CPU turns a boolean mask into that in every layer, and made once a step it took an 8-row
+        step of SmolLM2 here from 79.5 to 74.6 ms (unpadded rows: 72-75). The step's own column is
+        marked valid here; `advance` then counts it as filled.
         """
         self._ensure(self.length + 1)
         self.valid[:, self.length] = True
-        mask = self.valid[:, :self.length + 1]
-        if bool(mask.all()):
+        valid = self.valid[:, :self.length + 1]
+        if bool(valid.all()):
             return None  # the plain causal path, the same kernels as a lone generation
-        return mask[:, None, None, :]
+        mask = torch.zeros(valid.shape, dtype=self.layers[0].k_buf.dtype, device=valid.device)
+        return mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
 
     def advance(self) -> None:
         self.length += 1
