@@ -179,16 +179,18 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     return rows
 
 
-def _fixed_length(model, embeds, new_tokens, timed, processors, profile_name) -> dict:
-    """The requests decode `new_tokens` each, no stop token ending one: all at once against one at a time."""
+def _alone_then_together(model, stop_ids, embeds, new_tokens, timed, processors, cut):
+    """On a scheduler of its own (warmed up first): the requests one at a time, then all at once.
+    Returns (answers, seconds) of each way, the answers passed through `cut`."""
     from models.decoding import DecodeRequest, DecodeScheduler
 
-    scheduler = DecodeScheduler(model, stop_ids=[], max_batch=len(embeds))
+    scheduler = DecodeScheduler(model, stop_ids=stop_ids, max_batch=len(embeds))
 
     def scheduled(batch):
         futures = scheduler.submit_all([DecodeRequest(p, new_tokens, processors()) for p in batch])
-        return [f.result() for f in futures]
+        return [cut(f.result()) for f in futures]
 
+    timed(scheduled, [embeds[0][:8]])  # warm-up
     alone, seconds = [], 0.0
     for prompt in embeds:
         out, spent = timed(scheduled, [prompt])
@@ -196,6 +198,13 @@ def _fixed_length(model, embeds, new_tokens, timed, processors, profile_name) ->
         seconds += spent
     together, spent = timed(scheduled, embeds)
     scheduler.close()
+    return alone, seconds, together, spent
+
+
+def _fixed_length(model, embeds, new_tokens, timed, processors, profile_name) -> dict:
+    """The requests decode `new_tokens` each, no stop token ending one: all at once against one at a time."""
+    alone, seconds, together, spent = _alone_then_together(model, [], embeds, new_tokens, timed, processors,
+                                                           lambda tokens: tokens)
     one_at_a_time, at_once = sum(map(len, alone)) / seconds, sum(map(len, together)) / spent
     n = len(embeds)
     return {"benchmark": "concurrent sessions, fixed length",
@@ -231,22 +240,10 @@ def _sustained(scheduled, embeds, rounds, timed, results, one_at_a_time, peak, p
 
 def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, results, plain, profile_name):
     """The same requests on a bf16 decode copy: one at a time and all at once, and what changed."""
-    from models.decoding import DecodeRequest, DecodeScheduler, decode_model
+    from models.decoding import decode_model
 
-    scheduler = DecodeScheduler(decode_model(loaded, torch.bfloat16), stop_ids=stops, max_batch=len(embeds))
-
-    def scheduled(batch):
-        futures = scheduler.submit_all([DecodeRequest(p, new_tokens, processors()) for p in batch])
-        return [cut(f.result()) for f in futures]
-
-    timed(scheduled, [embeds[0][:8]])  # warm-up
-    alone, seconds = [], 0.0
-    for prompt in embeds:
-        out, spent = timed(scheduled, [prompt])
-        alone += out
-        seconds += spent
-    together, spent = timed(scheduled, embeds)
-    scheduler.close()
+    alone, seconds, together, spent = _alone_then_together(decode_model(loaded, torch.bfloat16), stops, embeds,
+                                                           new_tokens, timed, processors, cut)
     fp32_outs, fp32_times = results["scheduled"]
     fp32_rate = sum(len(o) for o in fp32_outs) / sum(fp32_times)
     lone = sum(len(o) for o in alone) / seconds
