@@ -22,9 +22,6 @@ import random
 import time
 from pathlib import Path
 
-ATTENTION_LORA = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-
-
 def probe_lines(split: str, count: int, *, explain: bool, seed: int = 0) -> list[dict]:
     """Up to `count` manifest lines of `split`'s yes/no questions, the fact stated in the question."""
     import easy_vqa
@@ -92,6 +89,7 @@ def probe(out: str, *, lora: dict, lr: float, steps: int, explain: bool, batch_s
 
 def main(argv: list[str] | None = None) -> int:
     from agent.proofs import SEEING_LORA
+    from models.specs import LoraSpec
 
     parser = argparse.ArgumentParser(prog="python -m agent.seeing_probe", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--explain", action="store_true")
     args = parser.parse_args(argv)
-    report = probe(args.out, lora=SEEING_LORA if args.lora == "all" else ATTENTION_LORA, lr=args.lr,
+    report = probe(args.out, lora=SEEING_LORA if args.lora == "all" else LoraSpec().model_dump(), lr=args.lr,
                    steps=args.steps, explain=args.explain)
     print(f"\nyes/no comparison, text only, {report['test_questions']} balanced test questions: "
           f"{report['before']:.1%} untrained -> {report['after']:.1%} after {args.steps} steps "
