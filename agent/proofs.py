@@ -76,7 +76,7 @@ def seeing_profile(out_dir: Path, lora: dict | None) -> str:
 
 def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: int = 16, per_image: int = 4,
            lora: dict | None = SEEING_LORA, it_lr: float = 5e-4,
-           reason_yes_no: bool = False, balance_yes_no: bool = False, test_questions: int = 1000,
+           reason_yes_no: bool = True, balance_yes_no: bool = True, test_questions: int = 1000,
            resume: bool = False, seed: int = 0) -> int:
     from models.mmllm import MMLLM
     from models.profiles import load_profile
@@ -88,9 +88,9 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
     data = out_dir / "data"
     started = time.perf_counter()
     # Training asks up to `per_image` questions of an image in one conversation; testing asks one.
-    # `reason_yes_no`: a yes/no answer first says what it is about ("It is blue. No.") and the
-    # reply's last word is scored. Neither it nor `balance_yes_no` beat easy-vqa's own mix within
-    # this budget (README), so both are off by default.
+    # `reason_yes_no`: a yes/no answer names what the image shows, then compares it with the
+    # question's word ("Blue is not red, so no."), and the reply's last word is scored;
+    # `balance_yes_no`: as many "yes" as "no", so the wording alone tells nothing (README).
     train_manifest = easy_vqa_manifest("train", data, per_image=per_image, reason_yes_no=reason_yes_no,
                                        balance_yes_no=balance_yes_no, seed=seed)
     test_manifest = test_sample(data, test_questions, seed, reason_yes_no=reason_yes_no)
@@ -105,7 +105,7 @@ def seeing(out: str, *, pt_steps: int = 120, it_steps: int = 170, batch_size: in
     result = train(config, resume=resume, overwrite=not resume)
     trained = time.perf_counter() - started
     mm = MMLLM.from_profile(load_profile(str(result.profile)))
-    scoring = {"max_new_tokens": 10, "last_word": True} if reason_yes_no else {"max_new_tokens": 4}
+    scoring = {"max_new_tokens": 16, "last_word": True} if reason_yes_no else {"max_new_tokens": 4}
     with_image = evaluate(mm, test_manifest, **scoring)
     blind = evaluate(mm, test_manifest, blind=True, **scoring)
     report = {

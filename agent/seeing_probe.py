@@ -26,23 +26,21 @@ def probe_lines(split: str, count: int, *, explain: bool, seed: int = 0) -> list
     """Up to `count` manifest lines of `split`'s yes/no questions, the fact stated in the question."""
     import easy_vqa
 
-    from models.training.data import _balanced_yes_no, _easy_vqa_facts, yes_no_kind
-    from models.training.shape_judge import COLORS, SHAPES
+    from models.training.data import asked_word, balanced_yes_no, compared_answer, easy_vqa_facts, yes_no_kind
 
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
-    facts = _easy_vqa_facts(questions, answers, image_ids)
-    turns = _balanced_yes_no([(i, q, a) for q, a, i in zip(questions, answers, image_ids) if a in ("yes", "no")],
-                             random.Random(seed))
+    facts = easy_vqa_facts(questions, answers, image_ids)
+    turns = balanced_yes_no([(i, q, a) for q, a, i in zip(questions, answers, image_ids) if a in ("yes", "no")],
+                            random.Random(seed))
     random.Random(seed).shuffle(turns)
     lines = []
     for image_id, question, answer in turns:
         about_colour, _ = yes_no_kind(question)
         fact = facts.get(image_id, {}).get("color" if about_colour else "shape")
-        asked = [w for w in question.rstrip("?").split() if w in (COLORS if about_colour else SHAPES)]
-        if fact is None or len(asked) != 1:
+        asked = asked_word(question)
+        if fact is None or asked is None:
             continue
-        said = (f"{fact.capitalize()} {'is' if fact == asked[0] else 'is not'} {asked[0]}, so {answer}."
-                if explain and split == "train" else f"{answer.capitalize()}.")
+        said = compared_answer(fact, asked, answer) if explain and split == "train" else f"{answer.capitalize()}."
         user = f"The shape is {fact if about_colour else 'a ' + fact}. {question[:1].upper() + question[1:]} " \
                "Answer yes or no."
         lines.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": said}]})

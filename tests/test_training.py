@@ -181,10 +181,10 @@ def test_balanced_yes_no_questions_cannot_be_answered_from_the_question_alone(tm
         assert count["yes"] == count["no"] == min(skewed[kind].values())
 
 
-def test_reasoned_yes_no_answers_say_what_the_question_is_about_then_answer(tmp_path):
+def test_reasoned_yes_no_answers_name_what_the_image_shows_then_compare(tmp_path):
     easy_vqa = pytest.importorskip("easy_vqa")
     from models.training import easy_vqa_manifest
-    from models.training.data import easy_vqa_shapes
+    from models.training.data import easy_vqa_shapes, yes_no_kind
 
     facts = {path: (colour, shape) for path, colour, shape in easy_vqa_shapes("train")}
     plain = read_manifest(easy_vqa_manifest("train", tmp_path, limit=400))
@@ -195,12 +195,15 @@ def test_reasoned_yes_no_answers_say_what_the_question_is_about_then_answer(tmp_
         if not question.endswith("Say what you see, then answer yes or no."):
             assert answer not in ("yes", "no")
             continue
-        said, reply = answer.rstrip(".").split(". ")
-        assert reply in ("Yes", "No")
+        # "Blue is not red, so no.": the image's colour (or shape), the question's, and the answer
+        seen, verb, asked, reply = re.fullmatch(r"(\w+) (is|is not) (\w+), so (yes|no)\.", answer).groups()
+        about_colour, denies = yes_no_kind(question)
+        assert asked in question.lower() and (verb == "is") == (seen.lower() == asked)
+        assert (reply == "yes") == ((verb == "is") != denies)
         path = str(record.media["image"][0])
-        if path in facts:  # "It is blue." names the colour; "It is a circle." the shape
+        if path in facts:
             colour, shape = facts[path]
-            assert said == (f"It is a {shape}" if said.startswith("It is a ") else f"It is {colour}")
+            assert seen.lower() == (colour if about_colour else shape)
             checked += 1
     assert checked > 100
     assert sorted(r.messages[1]["content"] for r in plain if r.messages[1]["content"] not in ("yes", "no")) == \

@@ -275,9 +275,9 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
     denying), as many "yes" as "no" answers: in easy-vqa "is there a red shape?" is "no" 7 times
     in 8, and a model trained on that answers from the question and never looks at the image.
     `reason_yes_no` asks yes/no questions with `REASONED_PROMPT`, and in the train split answers
-    them by first naming what the question is about, then the answer ("is there a red shape?" ->
-    "It is blue. No."): the model states what it sees, where comparing it with the question's word
-    is a lookup in text; its train turns whose colour or shape the split never tells are dropped.
+    them by naming what the image shows, then comparing it with the question's word ("is there a
+    red shape?" -> "Blue is not red, so no."): seeing becomes naming, and the yes/no a comparison
+    in text; its train turns whose colour or shape the split never tells are dropped.
     The test split keeps the bare answer, the reply's last word being what is scored.
     Image paths are absolute paths inside the installed package. Returns the manifest's path,
     `out_dir/easy-vqa-{split}[-{limit}][-x{per_image}][-balanced][-reasoned].jsonl`.
@@ -307,9 +307,9 @@ def easy_vqa_manifest(split: str, out_dir: str | Path, limit: int | None = None,
                  question=question[:1].upper() + question[1:]), answer)
              for question, answer, image_id in zip(questions[:count], answers[:count], image_ids[:count])]
     if balance_yes_no:
-        turns = _balanced_yes_no(turns, random.Random(seed))
+        turns = balanced_yes_no(turns, random.Random(seed))
     if reason_yes_no and split == "train":
-        turns = _reasoned_yes_no(turns, _easy_vqa_facts(questions, answers, image_ids))
+        turns = _reasoned_yes_no(turns, easy_vqa_facts(questions, answers, image_ids))
     if per_image == 1:
         conversations = [[turn] for turn in turns]
     else:
@@ -342,7 +342,7 @@ def yes_no_kind(question: str) -> tuple[bool, bool]:
     return bool(words & set(COLORS)), bool(words & {"no", "not"})
 
 
-def _balanced_yes_no(turns: list[tuple[int, str, str]], rng: random.Random) -> list[tuple[int, str, str]]:
+def balanced_yes_no(turns: list[tuple[int, str, str]], rng: random.Random) -> list[tuple[int, str, str]]:
     """Yes/no questions subsampled so each kind has as many of each answer; the rest kept."""
     kinds: dict[tuple[bool, bool], dict[str, list[int]]] = {}
     for i, (_, text, answer) in enumerate(turns):
@@ -367,12 +367,12 @@ def easy_vqa_shapes(split: str) -> list[tuple[str, str, str]]:
         raise DatasetError(f"easy-vqa has splits 'train' and 'test', not {split!r}")
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
-    known = _easy_vqa_facts(questions, answers, image_ids)
+    known = easy_vqa_facts(questions, answers, image_ids)
     return [(str(Path(paths[i]).resolve()), f["color"], f["shape"])
             for i, f in sorted(known.items()) if {"color", "shape"} <= f.keys()]
 
 
-def _easy_vqa_facts(questions: list[str], answers: list[str], image_ids: list[int]) -> dict[int, dict[str, str]]:
+def easy_vqa_facts(questions: list[str], answers: list[str], image_ids: list[int]) -> dict[int, dict[str, str]]:
     """{image: {"color": ..., "shape": ...}} as far as the image's questions and answers tell."""
     from models.training.shape_judge import COLORS, SHAPES
 
@@ -392,15 +392,31 @@ def _easy_vqa_facts(questions: list[str], answers: list[str], image_ids: list[in
 REASONED_PROMPT = "{question} Say what you see, then answer yes or no."
 
 
+def compared_answer(seen: str, asked: str, answer: str) -> str:
+    """A yes/no answer that spells out the comparison behind it: "Blue is not red, so no."
+    (to "is there a red shape?" of a blue one; "so yes." to "is there not a red shape?")."""
+    return f"{seen.capitalize()} {'is' if seen == asked else 'is not'} {asked}, so {answer}."
+
+
+def asked_word(question: str) -> str | None:
+    """The one colour or shape an easy-vqa yes/no question asks about, if it names exactly one."""
+    from models.training.shape_judge import COLORS, SHAPES
+
+    about_colour, _ = yes_no_kind(question)
+    asked = [w for w in question.lower().split("?")[0].split() if w in (COLORS if about_colour else SHAPES)]
+    return asked[0] if len(asked) == 1 else None
+
+
 def _reasoned_yes_no(turns: list[tuple[int, str, str]], facts: dict[int, dict[str, str]]) -> list[tuple[int, str, str]]:
-    """Yes/no turns answered "It is blue. No.", dropping those whose colour or shape is unknown."""
+    """Yes/no turns answered "Blue is not red, so no.", dropping those whose colour or shape is
+    unknown: the first word names what the image shows, the rest compares it with the question's."""
     out = []
     for image_id, text, answer in turns:
         if answer not in ("yes", "no"):
             out.append((image_id, text, answer))
             continue
-        about_colour, _ = yes_no_kind(text)
-        fact = facts.get(image_id, {}).get("color" if about_colour else "shape")
-        if fact is not None:
-            out.append((image_id, text, f"It is {fact if about_colour else 'a ' + fact}. {answer.capitalize()}."))
+        fact = facts.get(image_id, {}).get("color" if yes_no_kind(text)[0] else "shape")
+        asked = asked_word(text)
+        if fact is not None and asked is not None:
+            out.append((image_id, text, compared_answer(fact, asked, answer)))
     return out
