@@ -138,6 +138,29 @@ def test_the_decode_copy_with_packed_linears_decodes_rows_together_as_alone(chao
         torch.testing.assert_close(model.model.layers[0].mlp.up_proj(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
+def test_the_decode_copys_step_attention_matches_sdpa_with_and_without_padding(chaotic_mm):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from models.decoding import decode_model
+    from models.decoding.decode_attention import NAME, decode_attention_forward
+
+    assert decode_model(chaotic_mm.backbone.model).config._attn_implementation == NAME
+    assert chaotic_mm.backbone.model.config._attn_implementation == "sdpa"  # the model itself is left alone
+    attention = chaotic_mm.backbone.model.model.layers[0].self_attn
+    heads, key_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, heads, 1, 16), torch.randn(3, key_heads, 20, 16), torch.randn(3, key_heads, 20, 16)
+    padding = torch.zeros(3, 1, 1, 20)
+    padding[1, ..., :6] = float("-inf")  # a shorter row, padded on the left
+    for mask in (None, padding):
+        got, _ = decode_attention_forward(attention, query, key, value, mask, scaling=0.25)
+        want, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=0.25)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError):  # a padded row's keys really are left out
+        torch.testing.assert_close(decode_attention_forward(attention, query, key, value, padding, scaling=0.25)[0],
+                                   decode_attention_forward(attention, query, key, value, None, scaling=0.25)[0])
+
+
 def test_requests_join_while_others_decode(chaotic_mm, scheduler):
     first = Collect(after=6)
     long = scheduler.submit(DecodeRequest(embeds(chaotic_mm, QUESTIONS[3]), 40, [], first))

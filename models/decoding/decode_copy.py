@@ -1,5 +1,6 @@
 """The model the scheduler decodes with: LoRA merged into the weights, linear layers packed for
-the CPU (models/decoding/packed_linear.py), and optionally another dtype.
+the CPU (models/decoding/packed_linear.py) with their decode steps' attention as plain matmuls
+(models/decoding/decode_attention.py), and optionally another dtype.
 
 A peft model computes each adapted layer as x·W + (x·A)·B, which on a CPU costs more than the
 layer itself (SmolLM2 with r=8 adapters on q/k/v/o decodes about 2.7x slower than without). The
@@ -21,6 +22,7 @@ import weakref
 import torch
 from torch import nn
 
+from models.decoding.decode_attention import use_decode_attention
 from models.decoding.packed_linear import pack_linears, packable
 
 _copies: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -53,6 +55,8 @@ def decode_model(model: nn.Module, dtype: torch.dtype | None = None, *, version:
                 built = copy.deepcopy(built).to(target)
             if pack:
                 built = pack_linears(built)
+            if next(built.parameters()).device.type == "cpu":
+                use_decode_attention(built)
             cached = copies[target] = (key, built)
         return cached[1]
 
