@@ -13,16 +13,17 @@ import torch
 class SignalSpanProcessor:
     def __init__(self, signal_ids: dict[str, list[int]]):
         self.next_of: dict[int, int] = {}
-        self.inner: list[int] = []
+        inner: list[int] = []
         for ids in signal_ids.values():
             self.next_of |= dict(zip(ids[:-1], ids[1:]))
-            self.inner += ids[1:]
+            inner += ids[1:]
+        self.inner = torch.tensor(inner, dtype=torch.long)  # made once: it is applied at every step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.next_of:
             return scores
-        if self.inner:
-            scores[:, self.inner] = float("-inf")
+        if len(self.inner):
+            scores[:, self.inner.to(scores.device)] = float("-inf")
         if input_ids.shape[1] == 0:
             return scores
         for row, last in enumerate(input_ids[:, -1].tolist()):

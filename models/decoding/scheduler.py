@@ -236,17 +236,24 @@ class DecodeScheduler:
             return
         if self.on_prefill is not None:
             self.on_prefill(len(batch))
+        started, rows = [], []
         for index, prefill in enumerate(batch):
-            row, n = prefill.row, reused + prefill.new
+            row = prefill.row
+            row.position = reused + prefill.new
             try:
                 if row.request.streamer is not None:  # the prompt first: embeds only, so no ids
                     row.context.run(row.request.streamer.put, torch.empty(1, 0, dtype=torch.long))
-                row.position = n
-                if self._choose(row, logits[index]):
-                    continue
             except Exception as exc:  # noqa: BLE001 - this request's failure, not the batch's
                 row.future.set_exception(exc)
                 continue
+            started.append(index)
+            rows.append(row)
+        if not rows:
+            return
+        for index, row, outcome in zip(started, rows, self._choose(rows, logits[started]), strict=True):
+            if outcome is not False:  # finished at its first token, or failed
+                continue
+            n = row.position
             layers = [(layer.keys[index:index + 1, :, :n], layer.values[index:index + 1, :, :n])
                       for layer in out.past_key_values.layers]
             if self._cache is None:
@@ -273,17 +280,14 @@ class DecodeScheduler:
         cache.advance()
         if self.on_step is not None:
             self.on_step(len(self._running))
-        keep = []
-        for index, row in enumerate(self._running):
+        for row in self._running:
             row.position += 1
-            try:
-                finished = self._choose(row, out.logits[index, -1])
-            except Exception as exc:  # noqa: BLE001 - one row's processor or streamer failed
-                row.future.set_exception(exc)
-                finished = True
-            if not finished:
+        keep = []
+        for index, (row, outcome) in enumerate(zip(self._running, self._choose(self._running, out.logits[:, -1]),
+                                                   strict=True)):
+            if outcome is False:
                 keep.append(index)
-            elif self.prefix_cache is not None and row.prefix and not row.future.exception():
+            elif outcome is True and self.prefix_cache is not None and row.prefix:
                 self._remember(index, row)
         if len(keep) != len(self._running):
             self._retire(keep)
@@ -302,24 +306,52 @@ class DecodeScheduler:
         self.prefix_cache.store(ids, [(layer.k_buf[index:index + 1, :, columns].clone(),
                                        layer.v_buf[index:index + 1, :, columns].clone()) for layer in cache.layers])
 
-    def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Pick the row's next token; True (and the future resolved) when the row is finished.
-        The row's processors, streamer and criteria run in the context of the thread that submitted it."""
-        return row.context.run(self._choose_here, row, logits)
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[bool | Exception]:
+        """Each row's next token from its row of `logits` (rows, vocab). Each row's processors work
+        on its own row of one float32 copy, then one argmax picks every row's token. For each row:
+        True when it finished (its future resolved), False when it goes on, or the exception its
+        processor, streamer or criterion raised (its future failed with it). A row's callbacks run
+        in the context of the thread that submitted it."""
+        scores = logits.to(copy=True, dtype=torch.float32)
+        outcomes: list[bool | Exception] = [False] * len(rows)
+        for index, row in enumerate(rows):
+            if row.request.logits_processors:
+                try:
+                    mine = scores[index:index + 1]
+                    processed = row.context.run(self._process, row, mine)
+                    if processed.data_ptr() != mine.data_ptr():
+                        mine.copy_(processed)
+                except Exception as exc:  # noqa: BLE001 - one row's processor failed, not the batch
+                    outcomes[index] = exc
+        tokens = scores.argmax(dim=-1).tolist()
+        for index, row in enumerate(rows):
+            if outcomes[index] is False:
+                try:
+                    outcomes[index] = row.context.run(self._take, row, tokens[index], scores[index:index + 1])
+                except Exception as exc:  # noqa: BLE001 - one row's streamer or criterion failed
+                    outcomes[index] = exc
+            if isinstance(outcomes[index], Exception) and not row.future.done():
+                row.future.set_exception(outcomes[index])
+        return outcomes
 
-    def _choose_here(self, row: _Row, logits: torch.Tensor) -> bool:
-        request = row.request
-        scores = logits.to(copy=True, dtype=torch.float32).unsqueeze(0)
-        ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device).reshape(1, -1)
-        for processor in request.logits_processors:
+    @staticmethod
+    def _process(row: _Row, scores: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor([row.tokens], dtype=torch.long, device=scores.device).reshape(1, -1)
+        for processor in row.request.logits_processors:
             scores = processor(ids, scores)
-        token = int(torch.argmax(scores, dim=-1))
+        return scores
+
+    def _take(self, row: _Row, token: int, scores: torch.Tensor) -> bool:
+        """Give the row its token; True (and the future resolved) when the row is finished."""
+        request = row.request
         row.tokens.append(token)
         if request.streamer is not None:
             request.streamer.put(torch.tensor([token]))
-        ids = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
-        stopped = [bool(criterion(ids, scores).any()) for criterion in request.stopping_criteria]
-        if token in self.stop_ids or len(row.tokens) >= request.max_new_tokens or any(stopped):
+        stopped = False
+        if request.stopping_criteria:
+            ids = torch.tensor([row.tokens], dtype=torch.long, device=scores.device)
+            stopped = any([bool(criterion(ids, scores).any()) for criterion in request.stopping_criteria])
+        if token in self.stop_ids or len(row.tokens) >= request.max_new_tokens or stopped:
             if request.streamer is not None:
                 request.streamer.end()
             row.future.set_result(row.tokens)
