@@ -102,9 +102,12 @@ def test_image_generate_sizes_and_determinism(image_gen: ImageGenerator) -> None
     assert all(isinstance(im, Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in first)
     np.testing.assert_array_equal(_pixels(first), _pixels(image_gen.generate(cond, seed=0)))
     assert not np.array_equal(_pixels(first), _pixels(image_gen.generate(cond, seed=1)))
-    # row i uses seed + i, so a row alone with its seed gives the same image as in the batch
-    alone = image_gen.generate({"prompt_embeds": cond["prompt_embeds"][1:]}, seed=1)
-    np.testing.assert_array_equal(_pixels(alone), _pixels(first[1:]))
+    # row i uses seed + i, so a row alone with its seed gives the same image as in the batch, up to
+    # the float rounding of a batch of one against two (a pixel one level apart on some CPUs)
+    alone = _pixels(image_gen.generate({"prompt_embeds": cond["prompt_embeds"][1:]}, seed=1)).astype(int)
+    batched = _pixels(first[1:]).astype(int)
+    assert np.abs(alone - batched).max() <= 1 and np.mean(alone != batched) < 0.01
+    assert np.abs(alone - _pixels(first[:1]).astype(int)).max() > 1  # and not the other row's image
     tall = image_gen.generate({"prompt_embeds": cond["prompt_embeds"][:1]}, height=48, width=32, steps=1)
     assert tall[0].size == (32, 48)
 
