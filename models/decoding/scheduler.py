@@ -228,7 +228,7 @@ class DecodeScheduler:
             kwargs = {"logits_to_keep": last} if self._keep_logits else {}
             out = self.model(inputs_embeds=embeds, attention_mask=mask,
                              position_ids=torch.arange(reused, reused + width, device=device).repeat(len(batch), 1),
-                             past_key_values=past, use_cache=True, **kwargs)
+                             cache=past, use_cache=True, **kwargs)
             logits = out.logits[:, -1] if self._keep_logits else out.logits[torch.arange(len(batch)), last[:, 0]]
         except Exception as exc:  # noqa: BLE001 - these requests' failure, not the running batch's
             for prefill in batch:
@@ -255,7 +255,7 @@ class DecodeScheduler:
                 continue
             n = row.position
             layers = [(layer.keys[index:index + 1, :, :n], layer.values[index:index + 1, :, :n])
-                      for layer in out.past_key_values.layers]
+                      for layer in out.cache.layers]
             if self._cache is None:
                 self._cache = RowCache(len(layers))
             self._cache.add(layers)
@@ -270,7 +270,7 @@ class DecodeScheduler:
         try:
             kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
             out = self.model(input_ids=tokens, position_ids=positions, attention_mask=cache.step_mask(),
-                             past_key_values=cache, use_cache=True, **kwargs)
+                             cache=cache, use_cache=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a failed forward leaves the batch's cache unusable
             for row in self._running:
                 row.future.set_exception(exc)
