@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -245,7 +246,9 @@ class Backbone(nn.Module):
                             target_modules=spec.target_modules, trainable_token_indices=self.new_token_ids,
                             task_type="CAUSAL_LM")
         training = self.model.training
-        self.model = get_peft_model(self.model, config)
+        with warnings.catch_warnings():  # peft reads transformers' renamed `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            self.model = get_peft_model(self.model, config)
         self.model.train(training)  # new LoRA dropout layers would otherwise start in train mode
 
     @property
