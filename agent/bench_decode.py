@@ -138,12 +138,12 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
          "greedy_drift": round(sum(a != b for a, b in zip(results["merged"][0], results["scheduled"][0]))
                                / n_single, 3), "threads": torch.get_num_threads()},
     ]
-    peak = {"rows": 0, "prefills": 0}
+    peak = {"rows": 0, "joins": 0}
     scheduler.on_step = lambda n: peak.__setitem__("rows", max(peak["rows"], n))
-    scheduler.on_prefill = lambda n: peak.__setitem__("prefills", peak["prefills"] + 1)
+    scheduler.on_join = lambda n: peak.__setitem__("joins", peak["joins"] + 1)
     for n in sessions:
         bar.set_postfix_str(f"{n} at once")
-        peak["rows"] = peak["prefills"] = 0
+        peak["rows"] = peak["joins"] = 0
         outs, seconds = timed(scheduled, embeds[:n])
         bar.update()
         together = sum(len(o) for o in outs) / seconds
@@ -153,7 +153,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
             "value": round(together, 2), "unit": "tokens/s (all sessions)", "baseline": round(one_at_a_time, 2),
             "baseline_unit": "tokens/s, the same requests one at a time", "ratio": round(together / one_at_a_time, 2),
             "vs_plain_generate": round(together / plain, 2), "peak_rows": peak["rows"],
-            "prefill_forwards": peak["prefills"], "tokens": [len(o) for o in outs],
+            "steps_taking_requests_in": peak["joins"], "tokens": [len(o) for o in outs],
             "ratio_ceiling": round(sum(len(o) for o in outs) / max(1, max(len(o) for o in outs)), 2),
             "same_tokens_as_one_at_a_time": outs == results["scheduled"][0][:n],
             "threads": torch.get_num_threads()})
@@ -226,13 +226,13 @@ def _sustained(scheduled, embeds, rounds, timed, results, one_at_a_time, peak, p
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="session") as pool:
             return list(zip(queue, pool.map(lambda i: scheduled([embeds[i]])[0], queue)))
 
-    peak["rows"] = peak["prefills"] = 0
+    peak["rows"] = peak["joins"] = 0
     answers, seconds = timed(all_sessions)
     rate = sum(len(o) for _, o in answers) / seconds
     return {"benchmark": "sustained sessions", "setting": f"{profile_name}, {n} sessions, {len(queue)} queued requests, "
             f"≤{new_tokens} new tokens", "value": round(rate, 2), "unit": "tokens/s (all sessions)",
             "baseline": round(one_at_a_time, 2), "baseline_unit": "tokens/s, the same requests one at a time",
-            "ratio": round(rate / one_at_a_time, 2), "peak_rows": peak["rows"], "prefill_forwards": peak["prefills"],
+            "ratio": round(rate / one_at_a_time, 2), "peak_rows": peak["rows"], "steps_taking_requests_in": peak["joins"],
             "requests": len(answers),
             "same_tokens_as_one_at_a_time": all(o == results["scheduled"][0][i] for i, o in answers),
             "threads": torch.get_num_threads()}

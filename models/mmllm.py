@@ -351,8 +351,8 @@ class MMLLM(nn.Module):
         The rows join the model's decode scheduler, beside generations from other threads; each
         row's answer is the same as from `generate` alone, and a prompt that starts like an
         earlier one (the session's last turn) reuses that one's keys and values. The rows are
-        submitted together, so they prefill in one forward. Logits processors, a streamer and
-        stopping criteria keep per-sequence state, so they follow one generation.
+        submitted together, so their prompts are computed in one step. Logits processors, a
+        streamer and stopping criteria keep per-sequence state, so they follow one generation.
         """
         from models.decoding import DecodeRequest
         from models.signal_decoding import SignalSpanProcessor

@@ -100,10 +100,10 @@ class Collect:
 @pytest.fixture
 def scheduler(chaotic_mm):
     steps: list[int] = []
-    prefills: list[int] = []
+    joined: list[int] = []
     scheduler = DecodeScheduler(chaotic_mm.backbone.model, stop_ids=stops(chaotic_mm), on_step=steps.append,
-                                on_prefill=prefills.append)
-    scheduler.steps, scheduler.prefills = steps, prefills
+                                on_join=joined.append)
+    scheduler.steps, scheduler.joined = steps, joined
     yield scheduler
     scheduler.close()
 
@@ -116,8 +116,7 @@ def test_batched_rows_of_different_lengths_match_lone_generation(chaotic_mm, sch
     got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
     assert got == [lone(chaotic_mm, p, [span], 24) for p in prompts]
     assert max(scheduler.steps) == len(prompts)  # decoded together, not one after another
-    # prefilled together, padded to the longest, except the shortest: it would be mostly padding
-    assert scheduler.prefills == [3, 1]
+    assert scheduler.joined == [len(prompts)]  # all prompts computed in the first step, with no padding
 
 
 def test_the_decode_copy_with_packed_linears_decodes_rows_together_as_alone(chaotic_mm):
@@ -165,11 +164,33 @@ def test_requests_join_while_others_decode(chaotic_mm, scheduler):
     first = Collect(after=6)
     long = scheduler.submit(DecodeRequest(embeds(chaotic_mm, QUESTIONS[3]), 40, [], first))
     assert first.seen.wait(timeout=60)
-    late = [scheduler.submit(DecodeRequest(embeds(chaotic_mm, q), 12)) for q in QUESTIONS[:3]]
+    late = scheduler.submit_all([DecodeRequest(embeds(chaotic_mm, q), 12) for q in QUESTIONS[:3]])
     assert answer(long.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, embeds(chaotic_mm, QUESTIONS[3]), [], 40)
     for q, future in zip(QUESTIONS[:3], late):
         assert answer(future.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, embeds(chaotic_mm, q), [], 12)
-    assert max(scheduler.steps) > 1  # the late rows joined the long one's batch
+    # the late prompts were computed in one step that also decoded the long row: it never waited for them
+    assert scheduler.joined == [1, 3] and max(scheduler.steps) == 4
+
+
+def test_prompts_past_a_steps_budget_join_in_later_steps(chaotic_mm, scheduler, monkeypatch):
+    from models.decoding import scheduler as module
+
+    prompts = [embeds(chaotic_mm, q) for q in QUESTIONS]
+    monkeypatch.setattr(module, "STEP_PROMPT_POSITIONS", prompts[0].shape[0] + prompts[1].shape[0])
+    futures = scheduler.submit_all([DecodeRequest(p, 16) for p in prompts])
+    got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
+    assert got == [lone(chaotic_mm, p, [], 16) for p in prompts]
+    # the first two fit one step; each longer one joins a step of its own, beside the rows decoding
+    assert scheduler.joined == [2, 1, 1]
+
+
+def test_a_malformed_prompt_is_refused_and_the_batch_goes_on(chaotic_mm, scheduler):
+    prompt = embeds(chaotic_mm, QUESTIONS[1])
+    running = scheduler.submit(DecodeRequest(prompt, 16))
+    for bad in (prompt[:, :-1], prompt[:0], prompt[None]):
+        with pytest.raises(ValueError, match="embeds must be"):
+            scheduler.submit(DecodeRequest(bad, 4))
+    assert answer(running.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, prompt, [], 16)
 
 
 def test_a_tool_call_row_beside_free_text_and_signal_span_rows(chaotic_mm, scheduler):
@@ -190,7 +211,7 @@ def test_a_tool_call_row_beside_free_text_and_signal_span_rows(chaotic_mm, sched
     prompts = [embeds(chaotic_mm, q) for q in QUESTIONS[1:]]
     futures = scheduler.submit_all([DecodeRequest(p, 48, processors(k)) for p, k in zip(prompts, kinds)])
     got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
-    assert scheduler.prefills == [3]  # one prefill forward for the three
+    assert scheduler.joined == [3]  # the three prompts in one step
     assert got == [lone(chaotic_mm, p, processors(k), 48) for p, k in zip(prompts, kinds)]
     call = backbone.tokenizer.decode(got[0], skip_special_tokens=True)
     assert call.startswith(tool_call_prefix("transcribe"))
@@ -320,13 +341,13 @@ def test_a_prompt_that_starts_like_a_finished_one_reuses_its_keys_and_values(cha
     assert prefixes.lookup(tuple(ids), limit=len(ids))[0] == 0
 
 
-def test_rows_that_reuse_the_same_prefix_prefill_together(chaotic_mm):
+def test_rows_that_reuse_prefixes_of_any_length_join_in_one_step(chaotic_mm):
     from models.decoding import PrefixCache
 
     prefixes = PrefixCache(min_reuse=8)
-    prefilled: list[int] = []
+    joined: list[int] = []
     scheduler = DecodeScheduler(chaotic_mm.backbone.model, stop_ids=stops(chaotic_mm), prefix_cache=prefixes,
-                                on_prefill=prefilled.append)
+                                on_join=joined.append)
     backbone = chaotic_mm.backbone
     first_turn = [{"role": "user", "content": QUESTIONS[3]}]
     ids = backbone.chat_ids(first_turn)
@@ -337,12 +358,12 @@ def test_rows_that_reuse_the_same_prefix_prefill_together(chaotic_mm):
     asked = [[*first_turn, reply, {"role": "user", "content": q}] for q in QUESTIONS[:2]]
     asked.append([{"role": "user", "content": QUESTIONS[2]}])
     prompts = [backbone.chat_ids(m) for m in asked]
-    prefilled.clear()
+    joined.clear()
     futures = scheduler.submit_all([DecodeRequest(backbone.splice(p, {})[0], 16, token_ids=p) for p in prompts])
     got = [answer(f.result(timeout=60), stops(chaotic_mm)) for f in futures]
     scheduler.close()
     assert prefixes.stats["hits"] == 2
-    assert sorted(prefilled) == [1, 2]  # the next turns together; the new session, which reuses nothing, apart
+    assert joined == [3]  # the next turns and the new session, which reuses nothing, in one step
     assert got == [lone(chaotic_mm, backbone.splice(p, {})[0], [], 16) for p in prompts]
 
 

@@ -1,5 +1,5 @@
 """The model the scheduler decodes with: LoRA merged into the weights, linear layers packed for
-the CPU (models/decoding/packed_linear.py) with their decode steps' attention as plain matmuls
+the CPU (models/decoding/packed_linear.py), running the scheduler's packed-step attention
 (models/decoding/decode_attention.py), and optionally another dtype.
 
 A peft model computes each adapted layer as x·W + (x·A)·B, which on a CPU costs more than the
@@ -22,10 +22,11 @@ import weakref
 import torch
 from torch import nn
 
-from models.decoding.decode_attention import use_decode_attention
+from models.decoding.decode_attention import NAME, use_decode_attention
 from models.decoding.packed_linear import pack_linears, packable
 
 _copies: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_views: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -55,10 +56,25 @@ def decode_model(model: nn.Module, dtype: torch.dtype | None = None, *, version:
                 built = copy.deepcopy(built).to(target)
             if pack:
                 built = pack_linears(built)
-            if next(built.parameters()).device.type == "cpu":
-                use_decode_attention(built)
+            use_decode_attention(built)
             cached = copies[target] = (key, built)
         return cached[1]
+
+
+def attention_view(model: nn.Module) -> nn.Module:
+    """`model` if it runs the decode attention, else a module tree over the same weights that does
+    (the scheduler's packed steps need it), made once per model; the model itself is left as it is."""
+    if getattr(model.config, "_attn_implementation", None) == NAME:
+        return model
+    with _lock:
+        view = _views.get(model)
+        if view is None:
+            view = _shared_copy(model)
+            if not use_decode_attention(view):
+                raise TypeError(f"the decode scheduler needs a transformers model with SDPA or eager attention, got "
+                                f"{type(model).__name__} with {getattr(model.config, '_attn_implementation', None)!r}")
+            _views[model] = view
+        return view
 
 
 def _shared_copy(model: nn.Module) -> nn.Module:

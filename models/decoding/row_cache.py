@@ -1,19 +1,51 @@
 """A KV cache for a batch of rows of different lengths that join and leave between steps.
 
-Rows are right-aligned: every row's newest token sits in the same column, so one decode step
-writes one column for all rows, and shorter rows are padded on the left (masked out). A row
-joins with the keys and values of its own prefill; a finished row leaves at once, and the
-columns that were only padding go with it. Buffers grow by doubling, so a step copies nothing.
+Rows are right-aligned: every row's newest token sits in the same column, so one step writes one
+column for the decoding rows, and shorter rows are padded on the left (masked out). A request
+joins inside a step: its prompt's keys and values are written in that step's forward, ending in
+the step's column, so it decodes from the next step on like any other row. A finished row leaves
+at once, and the columns that were only padding go with it. Buffers grow by doubling, so a step
+copies nothing.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+@dataclass
+class Joining:
+    """A row that joins in this step: `new` prompt positions computed now, after `reused` ones
+    whose keys and values came from the prefix cache."""
+    start: int  # where its new positions begin in the step's packed tokens
+    new: int
+    reused: int
+
+    @property
+    def length(self) -> int:
+        return self.reused + self.new
+
+
+@dataclass
+class StepLayout:
+    """How one step's packed tokens map onto the cache's rows: first one token for each of the
+    first `decoding` rows, then each joining row's new prompt positions, in order; joining row j
+    is cache row `decoding + j`."""
+    decoding: int
+    joining: list[Joining] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.decoding + sum(j.new for j in self.joining)
+
+
 class _RowsLayer(DynamicLayer):
-    """One layer's buffers (rows, heads, capacity, head_dim); `update` writes the step's column."""
+    """One layer's buffers (row capacity, heads, column capacity, head_dim); `update` writes the
+    step's keys and values where the owner's layout puts them and returns every row in use up to
+    the step's column."""
 
     def __init__(self, owner: "RowCache"):
         super().__init__()
@@ -22,10 +54,16 @@ class _RowsLayer(DynamicLayer):
         self.v_buf: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        column = self.owner.length
-        self.k_buf[:, :, column] = key_states[:, :, 0]
-        self.v_buf[:, :, column] = value_states[:, :, 0]
-        self.keys, self.values = self.k_buf[:, :, :column + 1], self.v_buf[:, :, :column + 1]
+        """key_states, value_states: (1, heads, step tokens, head_dim), packed as the layout says."""
+        column, layout = self.owner.length, self.owner.layout
+        rows = layout.decoding
+        for buf, states in ((self.k_buf, key_states), (self.v_buf, value_states)):
+            buf[:rows, :, column] = states[0, :, :rows].transpose(0, 1)
+            for index, joining in enumerate(layout.joining, start=rows):
+                new = states[0, :, joining.start:joining.start + joining.new]
+                buf[index, :, column + 1 - joining.new:column + 1] = new
+        in_use = self.owner.rows
+        self.keys, self.values = self.k_buf[:in_use, :, :column + 1], self.v_buf[:in_use, :, :column + 1]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -33,97 +71,85 @@ class _RowsLayer(DynamicLayer):
 
 
 class RowCache(Cache):
-    """The decode batch's KV cache and padding mask. `length` columns are filled for every row."""
+    """The decode batch's KV cache and padding mask: `rows` rows in use, `length` columns filled
+    for each; a step writes column `length`. Rows and columns both grow by doubling, and a row
+    that leaves is filled by moving the last one in, so neither a join nor a leave copies the batch."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, key_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         super().__init__(layers=[_RowsLayer(self) for _ in range(num_layers)])
+        self.rows = 0
         self.length = 0
-        self.valid: torch.Tensor | None = None  # (rows, capacity) bool: not padding
-
-    @property
-    def rows(self) -> int:
-        return 0 if self.valid is None else self.valid.shape[0]
-
-    def _capacity(self) -> int:
-        return self.valid.shape[1]
-
-    def add(self, prefill_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Append one row from its prefill: per layer (keys, values) of shape (1, heads, n, head_dim)."""
-        n = prefill_layers[0][0].shape[2]
-        if self.valid is None:
-            capacity = max(64, 2 * n)
-            first = prefill_layers[0][0]
-            self.valid = torch.zeros(0, capacity, dtype=torch.bool, device=first.device)
-            for layer, (k, v) in zip(self.layers, prefill_layers, strict=True):
-                layer.k_buf = k.new_zeros(0, k.shape[1], capacity, k.shape[3])
-                layer.v_buf = v.new_zeros(0, v.shape[1], capacity, v.shape[3])
-        if n > self.length:  # the new row is longer: pad every other row further on the left
-            self._shift(n - self.length)
-        self._ensure(self.length + 1)
-        start = self.length - n
-        valid = torch.zeros(1, self._capacity(), dtype=torch.bool, device=self.valid.device)
-        valid[0, start:self.length] = True
-        self.valid = torch.cat([self.valid, valid])
-        for layer, (k, v) in zip(self.layers, prefill_layers, strict=True):
-            k_row = k.new_zeros(1, k.shape[1], self._capacity(), k.shape[3])
-            v_row = v.new_zeros(1, v.shape[1], self._capacity(), v.shape[3])
-            k_row[:, :, start:self.length] = k
-            v_row[:, :, start:self.length] = v
-            layer.k_buf = torch.cat([layer.k_buf, k_row])
-            layer.v_buf = torch.cat([layer.v_buf, v_row])
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (at least one, in this order), then drop columns that are padding in all."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.valid.device)
-        self.valid = self.valid.index_select(0, index)
+        self.layout = StepLayout(0)
+        self.valid = torch.zeros(8, 64, dtype=torch.bool, device=device)  # not padding
         for layer in self.layers:
-            layer.k_buf = layer.k_buf.index_select(0, index)
-            layer.v_buf = layer.v_buf.index_select(0, index)
-        used = self.valid[:, :self.length].any(dim=0)
-        drop = int(used.int().argmax())
+            layer.k_buf = torch.zeros(8, key_heads, 64, head_dim, dtype=dtype, device=device)
+            layer.v_buf = torch.zeros(8, key_heads, 64, head_dim, dtype=dtype, device=device)
+
+    def begin_step(self, joining: list[Joining], reused_layers: list[list | None]) -> StepLayout:
+        """Lay out the next step: the rows in use decode one token each, and the joining rows are
+        added after them, each ending in the step's column. A joining row's reused keys and values
+        (per layer (1, heads, reused, head_dim), or None) are written now; the forward writes the rest."""
+        # a joining row longer than the others so far pads every other row further on the left
+        shift = max(0, max((j.length for j in joining), default=0) - self.length - 1)
+        columns, rows = self.length + shift + 1, self.rows + len(joining)
+        have_rows, have_columns = self.valid.shape
+        if shift or columns > have_columns or rows > have_rows:
+            self._resize(have_columns if columns <= have_columns else 2 * columns,
+                         have_rows if rows <= have_rows else 2 * rows, offset=shift)
+            self.length += shift
+        self.valid[:self.rows, self.length] = True  # the decoding rows' step column
+        end = self.length + 1
+        for index, (j, reused) in enumerate(zip(joining, reused_layers, strict=True), start=self.rows):
+            self.valid[index] = False
+            self.valid[index, end - j.length:end] = True
+            for number, layer in enumerate(self.layers):
+                for buf, part in ((layer.k_buf, 0), (layer.v_buf, 1)):
+                    buf[index].zero_()  # what a former row left there, so that padding holds no stale values
+                    if reused is not None:
+                        buf[index, :, end - j.length:end - j.new] = reused[number][part][0]
+        self.layout = StepLayout(self.rows, joining)
+        self.rows += len(joining)
+        return self.layout
+
+    def step_mask(self) -> torch.Tensor:
+        """The decoding rows' attention mask for the step (rows, 1, 1, length + 1): additive, 0 where
+        a row attends and -inf on its padding, in the cache's dtype (SDPA on a CPU turns a boolean
+        mask into that in every layer). Joining rows need none: their keys are the last columns."""
+        valid = self.valid[:self.layout.decoding, :self.length + 1]
+        mask = torch.zeros(valid.shape, dtype=self.layers[0].k_buf.dtype, device=valid.device)
+        return mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+
+    def advance(self) -> None:
+        self.length += 1
+
+    def keep(self, order: list[int]) -> None:
+        """Keep these rows (at least one): row i becomes former row order[i]. Only the rows that
+        move are copied. Then the columns that are padding in every row are dropped."""
+        moved = [i for i, source in enumerate(order) if source != i]
+        if moved:
+            targets = torch.tensor(moved, device=self.valid.device)
+            sources = torch.tensor([order[i] for i in moved], device=self.valid.device)
+            self.valid[targets] = self.valid[sources]
+            for layer in self.layers:
+                layer.k_buf[targets] = layer.k_buf[sources]
+                layer.v_buf[targets] = layer.v_buf[sources]
+        self.rows = len(order)
+        drop = int(self.valid[:self.rows, :self.length].any(dim=0).int().argmax())
         if drop:
             self.valid = self.valid[:, drop:]
             for layer in self.layers:
                 layer.k_buf, layer.v_buf = layer.k_buf[:, :, drop:], layer.v_buf[:, :, drop:]
             self.length -= drop
 
-    def _shift(self, by: int) -> None:
-        self._resize(max(self._capacity(), self.length + by + 1), offset=by)
-        self.length += by
-
-    def _ensure(self, columns: int) -> None:
-        if columns > self._capacity():
-            self._resize(2 * columns, offset=0)
-
-    def _resize(self, capacity: int, *, offset: int) -> None:
-        """New buffers of `capacity` columns with the filled ones moved `offset` to the right."""
-        old = slice(0, self.length)
-        new = slice(offset, offset + self.length)
-        valid = torch.zeros(self.rows, capacity, dtype=torch.bool, device=self.valid.device)
-        valid[:, new] = self.valid[:, old]
+    def _resize(self, columns: int, rows: int, *, offset: int) -> None:
+        """New buffers of `rows` x `columns` with the filled part moved `offset` columns to the right."""
+        old, new, used = slice(0, self.length), slice(offset, offset + self.length), slice(0, self.rows)
+        valid = torch.zeros(rows, columns, dtype=torch.bool, device=self.valid.device)
+        valid[used, new] = self.valid[used, old]
         self.valid = valid
         for layer in self.layers:
             for name in ("k_buf", "v_buf"):
                 buf = getattr(layer, name)
-                grown = buf.new_zeros(buf.shape[0], buf.shape[1], capacity, buf.shape[3])
-                grown[:, :, new] = buf[:, :, old]
+                grown = buf.new_zeros(rows, buf.shape[1], columns, buf.shape[3])
+                grown[used, :, new] = buf[used, :, old]
                 setattr(layer, name, grown)
-
-    def step_mask(self) -> torch.Tensor | None:
-        """The attention mask for one decode step (rows, 1, 1, length + 1), None when no row is padded.
-
-        It is additive (0 where a row attends, -inf on its padding), in the cache's dtype: SDPA on a
-        CPU turns a boolean mask into that in every layer, and made once a step it took an 8-row
-        step of SmolLM2 here from 79.5 to 74.6 ms (unpadded rows: 72-75). The step's own column is
-        marked valid here; `advance` then counts it as filled.
-        """
-        self._ensure(self.length + 1)
-        self.valid[:, self.length] = True
-        valid = self.valid[:, :self.length + 1]
-        if bool(valid.all()):
-            return None  # the plain causal path, the same kernels as a lone generation
-        mask = torch.zeros(valid.shape, dtype=self.layers[0].k_buf.dtype, device=valid.device)
-        return mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
-
-    def advance(self) -> None:
-        self.length += 1

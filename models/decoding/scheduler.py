@@ -1,9 +1,10 @@
 """One thread owns the backbone's decode loop; requests from any thread share its batch.
 
-Each step admits waiting requests (prefilled together, one padded forward for as many as fit),
-then runs ONE forward for all running rows, picks each row's next token with that row's own logits
-processors, streamer and stopping criteria, and retires finished rows at once, so a new request
-joins on the next step instead of waiting for the batch to drain (continuous batching).
+Each step is ONE forward: a token for every running row, packed with the whole new part of each
+waiting request's prompt (as many as fit), so a request joins without stalling the others for a
+prefill of its own. Then each row picks its next token with its own logits processors, streamer
+and stopping criteria, and finished rows retire at once, so a new request joins on the next step
+instead of waiting for the batch to drain (continuous batching).
 
 A row sees exactly what `transformers`' greedy `generate` would show it for a lone prompt given
 as `inputs_embeds`: processors and stopping criteria get (1, generated ids so far) and (1, vocab)
@@ -24,19 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-from transformers.cache_utils import DynamicCache
 
+from models.decoding.decode_copy import attention_view
 from models.decoding.prefix_cache import PrefixCache, token_prefix
-from models.decoding.row_cache import RowCache
+from models.decoding.row_cache import Joining, RowCache
 from models.errors import SignalgraphError
 
 
-# Padding costs a prefill compute; a batch of 8 ~40-token prompts took half the time of their 8
-# prefills one at a time on SmolLM2 here, so a batch may carry half as much padding as real tokens.
-PAD_SLACK = 1.5
-# Past this many positions (padding included) a prefill is compute-bound anyway, and one forward's
-# activations and (rows, queries, keys) mask only grow: more rows go in another forward.
-PREFILL_POSITIONS = 4096
+# Prompt positions that may join one step: a longer prompt joins alone, and the running rows wait
+# that one step for it (about 0.7 s for 512 positions of SmolLM2 on 2 CPU cores).
+STEP_PROMPT_POSITIONS = 512
 IDLE_EXIT_S = 2.0  # the loop's thread ends after this long with nothing to do; a submit starts it again
 
 # A loop thread still alive when the interpreter tears down aborts the process in torch's C++
@@ -83,40 +81,44 @@ class _Row:
 class DecodeScheduler:
     """Continuous-batching greedy decoding over one causal LM.
 
-    model: a transformers causal LM (a peft wrapper works too), in the dtype it decodes in.
+    model: a transformers causal LM (a peft wrapper works too), in the dtype it decodes in. Steps
+        run on it as is when it has the decode attention (models/decoding/decode_attention.py, as
+        `decode_model` copies have), else on a view of its weights that does.
     stop_ids: tokens that end a row (the token itself is the last one returned).
     max_batch: the most rows decoded together; more requests wait their turn.
-    on_step: called after each step with the number of rows that stepped (for benchmarks).
-    on_prefill: called after each prefill forward with the number of requests it prefilled.
+    on_step: called after each step with the number of rows in it (for benchmarks).
+    on_join: called after each step that took requests in, with their number.
     prefix_cache: where finished rows leave their keys and values, so that a prompt that starts
-        the same way prefills only the rest.
+        the same way computes only the rest.
     """
 
     def __init__(self, model, *, stop_ids: Iterable[int], max_batch: int = 16,
                  on_step: Callable[[int], None] | None = None, prefix_cache: PrefixCache | None = None,
-                 on_prefill: Callable[[int], None] | None = None):
-        self.model = model
+                 on_join: Callable[[int], None] | None = None):
+        self.model = attention_view(model)
         self._weights_version = 0
         self.prefix_cache = prefix_cache
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.max_batch = max_batch
         self.on_step = on_step
-        self.on_prefill = on_prefill
+        self.on_join = on_join
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
         self._cache: RowCache | None = None
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._keep_logits = "logits_to_keep" in _forward_parameters(model)
+        self._keep_logits = "logits_to_keep" in _forward_parameters(self.model)
 
     # --- the caller's side ----------------------------------------------------------------------
 
     def use(self, model, weights_version: int = 0) -> None:
         """Decode with this model from the next step on. A new model, or new weights (a changed
         `weights_version`), make what the prefix cache holds stale, so it is dropped."""
+        model = attention_view(model)
         if model is not self.model or weights_version != self._weights_version:
             self.model = model
+            self._keep_logits = "logits_to_keep" in _forward_parameters(model)
             self._weights_version = weights_version
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()
@@ -126,10 +128,12 @@ class DecodeScheduler:
         return self.submit_all([request])[0]
 
     def submit_all(self, requests: list[DecodeRequest]) -> list[Future]:
-        """Queue requests at once, so that the loop admits them in one step (as room allows)."""
+        """Queue requests at once, so that the loop takes them in one step (as room allows)."""
+        hidden = self.model.get_input_embeddings().embedding_dim
         for request in requests:
-            if request.embeds.dim() != 2:
-                raise ValueError(f"a request's embeds must be (length, hidden), got {tuple(request.embeds.shape)}")
+            if request.embeds.dim() != 2 or request.embeds.shape[0] == 0 or request.embeds.shape[1] != hidden:
+                raise ValueError(f"a request's embeds must be (length >= 1, {hidden}), "
+                                 f"got {tuple(request.embeds.shape)}")
         futures: list[Future] = [Future() for _ in requests]
         with self._cond:
             if self._closed:
@@ -165,20 +169,31 @@ class DecodeScheduler:
                     if self._closed:
                         self._fail_all(SchedulerClosed("the decode scheduler was closed"))
                         return
-                    admitted = []
-                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
-                        admitted.append(self._waiting.popleft())
+                    admitted = self._take_waiting()
                 try:
-                    self._admit([row for row in admitted if row.future.set_running_or_notify_cancel()])
+                    joining = [row for row in admitted if row.future.set_running_or_notify_cancel()
+                               and not self._cancelled(row)]
                     self._drop_cancelled()
-                    if self._running:
-                        self._step()
+                    if self._running or joining:
+                        self._step(joining)
                 except Exception as exc:  # noqa: BLE001 - a fault in the loop itself: fail its rows, never hang them
                     for row in [*admitted, *self._running]:
                         if not row.future.done():
                             row.future.set_exception(exc)
                     self._running = []
                     self._cache = None
+
+    def _take_waiting(self) -> list[_Row]:
+        """The waiting requests that join the next step: as many as the batch has room for, while
+        their prompts fit STEP_PROMPT_POSITIONS (a longer one joins alone)."""
+        taken, positions = [], 0
+        while self._waiting and len(self._running) + len(taken) < self.max_batch:
+            length = self._waiting[0].request.embeds.shape[0]
+            if taken and positions + length > STEP_PROMPT_POSITIONS:
+                break
+            taken.append(self._waiting.popleft())
+            positions += length
+        return taken
 
     def _fail_all(self, error: Exception) -> None:
         for row in [*self._waiting, *self._running]:
@@ -188,112 +203,83 @@ class DecodeScheduler:
         self._running = []
         self._cache = None
 
-    def _admit(self, rows: list[_Row]) -> None:
-        """Prefill the admitted requests, as few forwards as padding allows, and add them to the batch."""
-        prefills = []
-        for row in rows:
-            if row.request.cancel is not None and row.request.cancel.is_set():
-                row.future.set_exception(DecodeCancelled("the generation was cancelled"))
-                continue
+    def _step(self, joining: list[_Row]) -> None:
+        """One forward: a token for every running row, then each joining row's prompt (after what
+        it reuses from the prefix cache); then each row's own token choice."""
+        model, running = self.model, self._running
+        embeddings = model.get_input_embeddings()
+        device, dtype = embeddings.weight.device, embeddings.weight.dtype
+        if self._cache is None:
+            config = model.config
+            heads = config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            self._cache = RowCache(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+                                   head_dim, dtype, device)
+        cache = self._cache
+        joins, reused_layers, start = [], [], len(running)
+        for row in joining:
             reused, layers = 0, None
             n = row.request.embeds.shape[0]
             if self.prefix_cache is not None and row.prefix:
-                reused, layers = self.prefix_cache.lookup(row.prefix, limit=n - 1)  # prefill at least one
-            prefills.append(_Prefill(row, reused, layers))
-        for batch in prefill_batches(prefills):
-            self._prefill(batch)
-
-    def _prefill(self, batch: list[_Prefill]) -> None:
-        """One forward for rows that reuse equally long prefixes, then each row's first token.
-
-        Each row's new positions come right after its reused ones and the padding after them all, so
-        its keys, values and logits are a lone prefill's to the bit (SmolLM2 here; padding on the
-        left moved the logits by about 5e-5, enough to flip a close greedy choice)."""
-        reused, width = batch[0].reused, max(p.new for p in batch)
-        device = batch[0].row.request.embeds.device
-        embeds = torch.zeros(len(batch), width, batch[0].row.request.embeds.shape[1], dtype=self._dtype(),
-                             device=device)
-        mask = torch.zeros(len(batch), reused + width, dtype=torch.long, device=device)
-        for index, prefill in enumerate(batch):
-            embeds[index, :prefill.new] = prefill.row.request.embeds[reused:]
-            mask[index, :reused + prefill.new] = 1
-        last = torch.tensor([[p.new - 1] for p in batch], device=device)
+                reused, layers = self.prefix_cache.lookup(row.prefix, limit=n - 1)  # compute at least one
+            joins.append(Joining(start, n - reused, reused))
+            reused_layers.append(layers)
+            start += n - reused
+        layout = cache.begin_step(joins, reused_layers)
+        tokens = torch.tensor([row.tokens[-1] for row in running], dtype=torch.long, device=device)
+        embeds = torch.cat([embeddings(tokens), *[row.request.embeds[j.reused:].to(device=device, dtype=dtype)
+                                                  for row, j in zip(joining, joins)]])
+        positions = torch.tensor([row.position for row in running]
+                                 + [p for j in joins for p in range(j.reused, j.length)], device=device)
+        last = torch.tensor([*range(len(running)), *[j.start + j.new - 1 for j in joins]], device=device)
         try:
-            past = None
-            if reused:
-                past = DynamicCache()
-                for layer in range(len(batch[0].layers)):
-                    past.update(torch.cat([p.layers[layer][0] for p in batch]),
-                                torch.cat([p.layers[layer][1] for p in batch]), layer)
             kwargs = {"logits_to_keep": last} if self._keep_logits else {}
-            out = self.model(inputs_embeds=embeds, attention_mask=mask,
-                             position_ids=torch.arange(reused, reused + width, device=device).repeat(len(batch), 1),
-                             cache=past, use_cache=True, **kwargs)
-            logits = out.logits[:, -1] if self._keep_logits else out.logits[torch.arange(len(batch)), last[:, 0]]
-        except Exception as exc:  # noqa: BLE001 - these requests' failure, not the running batch's
-            for prefill in batch:
-                prefill.row.future.set_exception(exc)
-            return
-        if self.on_prefill is not None:
-            self.on_prefill(len(batch))
-        started, rows = [], []
-        for index, prefill in enumerate(batch):
-            row = prefill.row
-            row.position = reused + prefill.new
-            try:
-                if row.request.streamer is not None:  # the prompt first: embeds only, so no ids
-                    row.context.run(row.request.streamer.put, torch.empty(1, 0, dtype=torch.long))
-            except Exception as exc:  # noqa: BLE001 - this request's failure, not the batch's
-                row.future.set_exception(exc)
-                continue
-            started.append(index)
-            rows.append(row)
-        if not rows:
-            return
-        for index, row, outcome in zip(started, rows, self._choose(rows, logits[started]), strict=True):
-            if outcome is not False:  # finished at its first token, or failed
-                continue
-            n = row.position
-            layers = [(layer.keys[index:index + 1, :, :n], layer.values[index:index + 1, :, :n])
-                      for layer in out.cache.layers]
-            if self._cache is None:
-                self._cache = RowCache(len(layers))
-            self._cache.add(layers)
-            self._running.append(row)
-
-    def _step(self) -> None:
-        """One forward for every running row, then each row's own token choice."""
-        cache = self._cache
-        device = cache.valid.device
-        tokens = torch.tensor([[row.tokens[-1]] for row in self._running], device=device)
-        positions = torch.tensor([[row.position] for row in self._running], device=device)
-        try:
-            kwargs = {"logits_to_keep": 1} if self._keep_logits else {}
-            out = self.model(input_ids=tokens, position_ids=positions, attention_mask=cache.step_mask(),
-                             cache=cache, use_cache=True, **kwargs)
+            out = model(inputs_embeds=embeds[None], position_ids=positions[None], attention_mask=cache.step_mask(),
+                        cache=cache, use_cache=True, step_layout=layout, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a failed forward leaves the batch's cache unusable
-            for row in self._running:
+            for row in [*running, *joining]:
                 row.future.set_exception(exc)
             self._running = []
             self._cache = None
             return
         cache.advance()
+        logits = out.logits[0] if self._keep_logits else out.logits[0, last]
         if self.on_step is not None:
-            self.on_step(len(self._running))
-        for row in self._running:
+            self.on_step(layout.decoding + len(joins))
+        if joining and self.on_join is not None:
+            self.on_join(len(joining))
+        for row in running:
             row.position += 1
+        outcomes: list[bool | Exception] = [False] * len(running)
+        for row, j in zip(joining, joins):
+            row.position = j.length
+            try:
+                if row.request.streamer is not None:  # the prompt first: embeds only, so no ids
+                    row.context.run(row.request.streamer.put, torch.empty(1, 0, dtype=torch.long))
+                outcomes.append(False)
+            except Exception as exc:  # noqa: BLE001 - this request's failure, not the batch's
+                row.future.set_exception(exc)
+                outcomes.append(exc)
+        rows = [*running, *joining]
+        chosen = [index for index, outcome in enumerate(outcomes) if outcome is False]
+        for index, outcome in zip(chosen, self._choose([rows[i] for i in chosen], logits[chosen])):
+            outcomes[index] = outcome
+        self._running = rows
         keep = []
-        for index, (row, outcome) in enumerate(zip(self._running, self._choose(self._running, out.logits[:, -1]),
-                                                   strict=True)):
+        for index, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
             if outcome is False:
                 keep.append(index)
             elif outcome is True and self.prefix_cache is not None and row.prefix:
                 self._remember(index, row)
-        if len(keep) != len(self._running):
+        if len(keep) != len(rows):
             self._retire(keep)
 
-    def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+    @staticmethod
+    def _cancelled(row: _Row) -> bool:
+        if row.request.cancel is not None and row.request.cancel.is_set():
+            row.future.set_exception(DecodeCancelled("the generation was cancelled"))
+            return True
+        return False
 
     def _remember(self, index: int, row: _Row) -> None:
         """Leave a finished row's keys and values in the prefix cache: its prompt's leading tokens,
@@ -359,53 +345,24 @@ class DecodeScheduler:
         return False
 
     def _drop_cancelled(self) -> None:
-        keep = []
-        for index, row in enumerate(self._running):
-            if row.request.cancel is not None and row.request.cancel.is_set():
-                row.future.set_exception(DecodeCancelled("the generation was cancelled"))
-            else:
-                keep.append(index)
+        keep = [index for index, row in enumerate(self._running) if not self._cancelled(row)]
         if len(keep) != len(self._running):
             self._retire(keep)
 
     def _retire(self, keep: list[int]) -> None:
-        """Keep only these running rows; an empty batch frees its cache."""
-        self._running = [self._running[i] for i in keep]
-        if self._running:
-            self._cache.keep(keep)
-        else:
+        """Keep only these running rows; the last rows move into the places of those that left (the
+        cache copies no others), and an empty batch frees its cache."""
+        if not keep:
+            self._running = []
             self._cache = None
-
-
-@dataclass
-class _Prefill:
-    row: _Row
-    reused: int  # leading positions whose keys and values come from the prefix cache
-    layers: list | None  # those keys and values, per layer (1, heads, reused, head_dim)
-
-    @property
-    def new(self) -> int:
-        return self.row.request.embeds.shape[0] - self.reused
-
-
-def prefill_batches(prefills: list[_Prefill]) -> list[list[_Prefill]]:
-    """Rows that reuse equally long prefixes prefill together (a row's reused positions must end
-    where the others' do), longest first, cut where padding would pass PAD_SLACK x the real tokens
-    or the forward PREFILL_POSITIONS positions."""
-    groups: dict[int, list[_Prefill]] = {}
-    for prefill in sorted(prefills, key=lambda p: p.new, reverse=True):
-        groups.setdefault(prefill.reused, []).append(prefill)
-    batches = []
-    for group in groups.values():
-        batch: list[_Prefill] = []
-        for prefill in group:
-            padded = (len(batch) + 1) * (batch[0].new if batch else prefill.new)
-            if batch and (padded > PREFILL_POSITIONS or padded > PAD_SLACK * (sum(p.new for p in batch) + prefill.new)):
-                batches.append(batch)
-                batch = []
-            batch.append(prefill)
-        batches.append(batch)
-    return batches
+            return
+        count, kept = len(keep), set(keep)
+        order = list(range(count))
+        holes = [i for i in range(count) if i not in kept]
+        for hole, source in zip(holes, [i for i in keep if i >= count], strict=True):
+            order[hole] = source
+        self._running = [self._running[i] for i in order]
+        self._cache.keep(order)
 
 
 def _forward_parameters(model) -> set[str]:
