@@ -11,11 +11,13 @@
 - fixed length: the N requests all at once against one at a time again, but every request decodes
   exactly --tokens tokens (stop tokens do not end it, as serving engines' throughput benchmarks
   run), so the batch stays full to the end and the ceiling is N: what batching alone gains.
-- sustained sessions: N sessions that each take the next request from a shared queue as soon as
-  they are answered (every prompt --rounds times), so the batch stays full until the queue runs
-  dry, against the same requests one at a time.
+- sustained sessions: N sessions that each take the next request from a shared queue of distinct
+  requests as soon as they are answered, so the batch stays full until the queue runs dry, against
+  the same requests one at a time. Both sides decode as the server does: token ids given, so a
+  prompt reuses the keys and values of what it shares with finished ones (the chat template's
+  system prompt), each side on a scheduler and prefix cache of its own.
 
-    python -m agent.bench_decode [--profile local] [--sessions 1 2 4 8] [--tokens 48] [--rounds 3]
+    python -m agent.bench_decode [--profile local] [--sessions 1 2 4 8] [--tokens 48] [--queued 48]
 """
 
 from __future__ import annotations
@@ -38,15 +40,23 @@ PROMPTS = [
     "Describe how bread is made, from wheat to loaf.",
     "Tell me about the life of a lighthouse keeper.",
 ]
+# The sustained queue's requests, every one different: each ask about each topic.
+ASKS = ["Tell me a story about {}.", "Describe {}, in detail.", "Write a short essay about {}.",
+        "Explain to a child what makes {} special.", "Write a letter to a friend about {}.",
+        "Give me five facts about {}, with reasons."]
+TOPICS = ["a fox who learns to read the stars", "a busy market in the morning", "a lighthouse keeper",
+          "a trip to the mountains", "a robot that plants a garden", "a thunderstorm over the sea",
+          "a quiet village in winter", "a dragon who is afraid of the dark"]
+QUEUED = [ask.format(topic) for ask in ASKS for topic in TOPICS]
 
 
 def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] = (1, 2, 4, 8),
                       new_tokens: int = 48, prompts: list[str] | None = None, quick: bool = False,
-                      rounds: int = 3) -> list[dict]:
+                      queued: int = 48) -> list[dict]:
     """Rows {"benchmark", "setting", "value", "unit", "baseline", "ratio", ...} measured now.
-    `quick`: 1 and 2 sessions, 8 new tokens, 2 rounds (a check that it runs, not a measurement)."""
+    `quick`: 1 and 2 sessions, 8 new tokens, 4 queued requests (a check that it runs, not a measurement)."""
     if quick:
-        sessions, new_tokens, rounds = (1, 2), 8, 2
+        sessions, new_tokens, queued = (1, 2), 8, 4
     from tqdm import tqdm
 
     from models.decoding import DecodeRequest, DecodeScheduler, decode_model
@@ -161,8 +171,8 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     rows.append(_fixed_length(fast, embeds[:n_single], new_tokens, timed, processors, profile_name))
     bar.update()
     bar.set_postfix_str("sustained")
-    rows.append(_sustained(scheduled, embeds[:n_single], rounds, timed, results, rate("scheduled", n_single),
-                           peak, profile_name, new_tokens))
+    rows.append(_sustained(fast, mm, QUEUED[:queued], n_single, new_tokens, timed, cut,
+                           processors, profile_name))
     bar.update()
     bar.set_postfix_str("bf16")
     rows += _bf16_rows(loaded, stops, embeds[:n_single], new_tokens, timed, cut, processors, results, plain,
@@ -170,8 +180,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     bar.update()
     bar.set_postfix_str("second turns")
     turns = min(4, n_single)
-    rows += _second_turns(mm, fast, prompts[:turns], results["scheduled"][0][:turns], new_tokens, timed, cut,
-                          processors)
+    rows += _second_turns(mm, fast, prompts[:turns], results["scheduled"][0][:turns], new_tokens, cut, processors)
     bar.update()
     bar.close()
     scheduler.close()
@@ -215,27 +224,54 @@ def _fixed_length(model, embeds, new_tokens, timed, processors, profile_name) ->
             "threads": torch.get_num_threads()}
 
 
-def _sustained(scheduled, embeds, rounds, timed, results, one_at_a_time, peak, profile_name, new_tokens) -> dict:
-    """N sessions take the next request from a shared queue as soon as their last is answered;
-    every prompt is asked `rounds` times, so the same requests one at a time run at the
-    single-stream rate."""
-    n = len(embeds)
-    queue = [i for _ in range(rounds) for i in range(n)]
+def _sustained(model, mm, prompts, sessions, new_tokens, timed, cut, processors, profile_name) -> dict:
+    """`sessions` sessions take the next request from a queue of distinct ones as soon as their
+    last is answered, against the same requests one at a time; each side on a scheduler and prefix
+    cache of its own, given token ids, as the server decodes."""
+    from models.decoding import DecodeRequest, DecodeScheduler, PrefixCache
+
+    backbone = mm.backbone
+    ids = [backbone.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+    embeds = [backbone.splice(i, {})[0] for i in ids]
+    counts = {"steps": 0, "rows": 0, "joins": 0}
+
+    def count(rows: int) -> None:
+        counts["steps"] += 1
+        counts["rows"] += rows
+
+    def server() -> tuple[DecodeScheduler, PrefixCache]:
+        prefixes = PrefixCache()
+        return DecodeScheduler(model, stop_ids=mm.decoder.stop_ids, max_batch=sessions, prefix_cache=prefixes,
+                               on_step=count, on_join=lambda n: counts.__setitem__("joins", counts["joins"] + 1)), prefixes
+
+    def ask(scheduler, i: int) -> list[int]:
+        return cut(scheduler.submit(DecodeRequest(embeds[i], new_tokens, processors(), token_ids=ids[i])).result())
+
+    lone, lone_prefixes = server()
+    alone = [timed(ask, lone, i) for i in range(len(prompts))]
+    lone.close()
+    one_at_a_time = sum(len(o) for o, _ in alone) / sum(s for _, s in alone)
+    shared, prefixes = server()
+    counts.update(steps=0, rows=0, joins=0)
 
     def all_sessions():
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="session") as pool:
-            return list(zip(queue, pool.map(lambda i: scheduled([embeds[i]])[0], queue)))
+        with ThreadPoolExecutor(max_workers=sessions, thread_name_prefix="session") as pool:
+            return list(pool.map(lambda i: ask(shared, i), range(len(prompts))))
 
-    peak["rows"] = peak["joins"] = 0
     answers, seconds = timed(all_sessions)
-    rate = sum(len(o) for _, o in answers) / seconds
-    return {"benchmark": "sustained sessions", "setting": f"{profile_name}, {n} sessions, {len(queue)} queued requests, "
-            f"≤{new_tokens} new tokens", "value": round(rate, 2), "unit": "tokens/s (all sessions)",
-            "baseline": round(one_at_a_time, 2), "baseline_unit": "tokens/s, the same requests one at a time",
-            "ratio": round(rate / one_at_a_time, 2), "peak_rows": peak["rows"], "steps_taking_requests_in": peak["joins"],
-            "requests": len(answers),
-            "same_tokens_as_one_at_a_time": all(o == results["scheduled"][0][i] for i, o in answers),
-            "threads": torch.get_num_threads()}
+    shared.close()
+    rate = sum(len(o) for o in answers) / seconds
+    return {"benchmark": "sustained sessions", "setting": f"{profile_name}, {sessions} sessions, {len(prompts)} queued "
+            f"requests (all different), ≤{new_tokens} new tokens, prefixes reused as served", "value": round(rate, 2),
+            "unit": "tokens/s (all sessions)", "baseline": round(one_at_a_time, 2),
+            "baseline_unit": "tokens/s, the same requests one at a time", "ratio": round(rate / one_at_a_time, 2),
+            "mean_rows_a_step": round(counts["rows"] / max(1, counts["steps"]), 2), "steps": counts["steps"],
+            "steps_taking_requests_in": counts["joins"], "requests": len(answers),
+            "tokens": [len(o) for o in answers],
+            "reused_prompt_positions": {"one_at_a_time": lone_prefixes.stats["reused_tokens"],
+                                        "sessions": prefixes.stats["reused_tokens"]},
+            "prompt_positions": sum(len(i) for i in ids),
+            "same_tokens_as_one_at_a_time": answers == [o for o, _ in alone], "threads": torch.get_num_threads()}
 
 
 def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, results, plain, profile_name):
@@ -264,7 +300,21 @@ def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, result
     ]
 
 
-def _second_turns(mm, model, prompts, answers, new_tokens, timed, cut, processors) -> list[dict]:
+class _FirstToken:
+    """A streamer that notes when the first token came."""
+
+    def __init__(self):
+        self.at: float | None = None
+
+    def put(self, value) -> None:
+        if value.numel() and self.at is None:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def _second_turns(mm, model, prompts, answers, new_tokens, cut, processors) -> list[dict]:
     """A session's next turn with and without the keys and values its first turn left behind."""
     from models.decoding import DecodeRequest, DecodeScheduler, PrefixCache
 
@@ -280,17 +330,20 @@ def _second_turns(mm, model, prompts, answers, new_tokens, timed, cut, processor
     for name, prefixes in (("cold", None), ("reused", PrefixCache())):
         scheduler = DecodeScheduler(model, stop_ids=stops, prefix_cache=prefixes)
 
-        def run(ids, limit, scheduler=scheduler):
+        def run(ids, scheduler=scheduler) -> tuple[list[int], float]:
+            """The answer, and the seconds from submitting it to its first token."""
             prompt = backbone.splice(ids, {})[0]
-            return cut(scheduler.submit(DecodeRequest(prompt, limit, processors(), token_ids=ids)).result())
+            streamer, start = _FirstToken(), time.perf_counter()
+            request = DecodeRequest(prompt, new_tokens, processors(), streamer, token_ids=ids)
+            return cut(scheduler.submit(request).result()), streamer.at - start
 
         first_token, answers_2 = 0.0, []
         for first, second in turns:
             if prefixes is not None:
-                run(first, new_tokens)  # the first turn, which leaves its keys and values
-            _, seconds = timed(run, second, 1)  # one token: a row that ends at once leaves nothing behind
+                run(first)  # the first turn, which leaves its keys and values
+            answer, seconds = run(second)
             first_token += seconds
-            answers_2.append(run(second, new_tokens))
+            answers_2.append(answer)
         scheduler.close()
         measured[name] = (first_token / len(turns), answers_2)
     cold, reused = measured["cold"][0], measured["reused"][0]
@@ -308,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="local")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per request at most")
-    parser.add_argument("--rounds", type=int, default=3, help="times each prompt is queued for the sustained sessions")
+    parser.add_argument("--queued", type=int, default=len(QUEUED), choices=range(1, len(QUEUED) + 1), metavar="N",
+                        help=f"distinct requests queued for the sustained sessions (at most {len(QUEUED)})")
     args = parser.parse_args(argv)
     for row in decode_benchmarks(args.profile, sessions=tuple(args.sessions), new_tokens=args.tokens,
-                                 rounds=args.rounds):
+                                 queued=args.queued):
         print(json.dumps(row, ensure_ascii=False))
     return 0
 
