@@ -37,10 +37,6 @@ class StepLayout:
     decoding: int
     joining: list[Joining] = field(default_factory=list)
 
-    @property
-    def tokens(self) -> int:
-        return self.decoding + sum(j.new for j in self.joining)
-
 
 class _RowsLayer(DynamicLayer):
     """One layer's buffers (row capacity, heads, column capacity, head_dim); `update` writes the
