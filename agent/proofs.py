@@ -192,8 +192,8 @@ def _episode(item: dict, rng: random.Random, start: int) -> list:
     calls = [{"id": f"c{start + i}", "name": c["name"], "args": c["arguments"]} for i, c in enumerate(item["calls"])]
     results = [tool_result(c, rng) for c in item["calls"]]
     return [HumanMessage(item["request"]), AIMessage(content="", tool_calls=calls),
-            *[ToolMessage(json.dumps(result), tool_call_id=call["id"], name=call["name"])
-              for call, (result, _) in zip(calls, results)],
+            *[ToolMessage(sentence, artifact=result, tool_call_id=call["id"], name=call["name"])
+              for call, (result, sentence) in zip(calls, results)],
             AIMessage(" ".join(sentence for _, sentence in results))]
 
 

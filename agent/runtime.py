@@ -89,12 +89,15 @@ class Runtime:
     # --- knowledge base ingestion: media go through the same tools a session uses ------------
 
     def _media_text(self, tool: str, argument: str, kind: str):
+        from tools.expert_tools import call_tool
+
         def callback(path: Path) -> tuple[str, str]:
             record = self.store.add_file(KB_SESSION, path, kind)
             tools = {t.name: t for t in self.tools(KB_SESSION)}
-            result = tools[tool].invoke({argument: record.id})
-            if isinstance(result, str):  # a tool error comes back as its message
-                raise ValueError(result)
+            outcome = call_tool(tools[tool], {argument: record.id})
+            if outcome.error:
+                raise ValueError(outcome.error)
+            result = outcome.artifact
             if "text" in result:
                 return record.id, result["text"]
             return record.id, "Image showing " + ", ".join(label["label"] for label in result["labels"])

@@ -151,27 +151,28 @@ PASSAGES = {
 
 
 def tool_result(call: dict, rng: random.Random) -> tuple[dict, str]:
-    """A plausible result of `call` (the tool's own return shape) and one sentence that reports it."""
+    """A plausible result of `call` (the tool's own artifact) and the tool's own sentence about it."""
+    from tools.summaries import summary
+
     name, args = call["name"], call["arguments"]
     new_audio, new_image = f"audio-{rng.randint(10, 40)}", f"image-{rng.randint(10, 40)}"
     if name == "transcribe":
-        text = rng.choice(FILLS["sentence"])
-        return ({"audio": args["audio"], "text": text, "language": "en", "seconds": round(rng.uniform(1, 9), 2)},
-                f'{args["audio"]} says: "{text}".')
-    if name == "speak":
-        return {"audio": new_audio, "seconds": round(rng.uniform(1, 4), 2)}, f"I said it aloud: {new_audio}."
-    if name == "describe_image":
-        label = rng.choice(LABELS)
-        return ({"image": args["image"], "labels": [{"label": label, "score": round(rng.uniform(0.4, 0.95), 4)}]},
-                f"{args['image']} shows a {label}.")
-    if name == "generate_image":
-        return {"image": new_image}, f"Here is {args['prompt']}: {new_image}."
-    if name == "generate_audio":
-        return ({"audio": new_audio, "seconds": round(rng.uniform(3, 10), 2)},
-                f"Here is the sound of {args['prompt']}: {new_audio}.")
-    if name == "search_knowledge":
-        passage = PASSAGES[args["query"]]
-        return ({"query": args["query"], "passages": [{"text": passage, "source": "notes.md", "position": 0,
-                                                       "score": round(rng.uniform(0.5, 0.9), 4)}]},
-                f"Your notes on {args['query']} say: {passage}")
-    raise ValueError(f"no result is synthesised for the tool {name!r}")
+        result = {"audio": args["audio"], "text": rng.choice(FILLS["sentence"]), "language": "en",
+                  "seconds": round(rng.uniform(1, 9), 2)}
+    elif name == "speak":
+        result = {"audio": new_audio, "text": args["text"], "seconds": round(rng.uniform(1, 4), 2)}
+    elif name == "describe_image":
+        first, second = rng.sample(LABELS, 2)
+        top = round(rng.uniform(0.3, 0.9), 4)
+        result = {"image": args["image"], "labels": [{"label": first, "score": top},
+                                                     {"label": second, "score": round((1 - top) / 2, 4)}]}
+    elif name == "generate_image":
+        result = {"image": new_image, "prompt": args["prompt"]}
+    elif name == "generate_audio":
+        result = {"audio": new_audio, "prompt": args["prompt"], "seconds": round(rng.uniform(3, 10), 2)}
+    elif name == "search_knowledge":
+        result = {"query": args["query"], "passages": [{"text": PASSAGES[args["query"]], "source": "notes.md",
+                                                        "position": 0, "score": round(rng.uniform(0.5, 0.9), 4)}]}
+    else:
+        raise ValueError(f"no result is synthesised for the tool {name!r}")
+    return result, summary(name, result)

@@ -24,9 +24,11 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
+from graphs.reply import ProseGate, compose
 from graphs.state import TurnState
 from graphs.thinker import Thinker
 from models.errors import SignalgraphError
+from tools.expert_tools import call_tool
 
 
 @dataclass
@@ -119,7 +121,7 @@ class Controller:
         writer = get_stream_writer()
         result = self.thinker.think(self._window(state["messages"]), tools=tool_schemas(tools),
                                     passages=state.get("passages", []),
-                                    media=media, on_text=lambda text: writer({"text": text}),
+                                    media=media, on_text=ProseGate(lambda text: writer({"text": text})),
                                     require_tool=bool(state.get("require_tool")) and state.get("steps", 0) == 0)
         step = state.get("steps", 0) + 1
         text = result.text
@@ -165,27 +167,28 @@ class Controller:
         started = time.perf_counter()
         tools = {t.name: t for t in self.tools_for(session)}
         tool = tools.get(call["name"])
-        error = None
+        outcome = None
         if tool is None:
             error = f"there is no tool called {call['name']!r}; available: {', '.join(sorted(tools)) or 'none'}"
-            content = error
         else:
             before = self._generated(session)
-            future = self._pool.submit(tool.invoke, call["args"])
+            future = self._pool.submit(call_tool, tool, call["args"], call["id"])
             try:
-                content = future.result(timeout=self.tool_timeout)
+                outcome = future.result(timeout=self.tool_timeout)
+                error = outcome.error
             except FutureTimeout:
-                error = content = f"the tool {call['name']} did not finish within {self.tool_timeout:g} s"
+                error = f"it did not finish within {self.tool_timeout:g} s"
             except SignalgraphError as exc:
-                error = content = f"{call['name']} failed: {exc}"
+                error = str(exc)
             except Exception as exc:  # a tool's own bug: report it to the model and the user, keep the session
-                error = content = f"{call['name']} failed: {type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {exc}"
         # what the tool made: generated records that appeared while it ran (parallel tools may
         # each see the others' too; collect de-duplicates)
         created = [m for m in self._generated(session) if m not in before] if tool is not None else []
+        summary = outcome.text if outcome is not None and not error else f"{call['name']} failed: {error}"
         result = {"index": call["index"], "step": call["step"], "id": call["id"], "name": call["name"],
-                  "content": content if isinstance(content, str) else _json(content), "error": error,
-                  "created": created}
+                  "summary": summary, "artifact": outcome.artifact if outcome is not None else None,
+                  "error": error, "created": created}
         entry = _entry("act", tool=call["name"], args=call["args"], seconds=round(time.perf_counter() - started, 3),
                        error=error)
         return {"results": [result], "trace": [entry]}
@@ -193,7 +196,7 @@ class Controller:
     def _collect(self, state: TurnState) -> dict:
         step = state["steps"]
         results = sorted((r for r in state.get("results", []) if r["step"] == step), key=lambda r: r["index"])
-        messages = [ToolMessage(content=r["content"], tool_call_id=r["id"], name=r["name"],
+        messages = [ToolMessage(content=r["summary"], artifact=r["artifact"], tool_call_id=r["id"], name=r["name"],
                                 status="error" if r["error"] else "success") for r in results]
         outputs = list(dict.fromkeys(m for r in results for m in r["created"]))
         return {"messages": messages, "pending": [], "outputs": outputs,
@@ -232,12 +235,20 @@ class Controller:
         return update
 
     def _respond(self, state: TurnState) -> dict:
-        update: dict = {"trace": [_entry("respond", outputs=state.get("outputs", []))]}
+        """The reply a person reads: the model's words after the last tool result, checked and
+        completed from the tools' own sentences (graphs/reply.py)."""
         turn = _this_turn(state["messages"])
-        if not any(isinstance(m, AIMessage) and m.text for m in turn):
-            # the model said nothing after its tools: tell the user what they did
-            done = [f"{m.name}: {m.text[:200]}" for m in turn if isinstance(m, ToolMessage)]
-            update["messages"] = [AIMessage(content="Done. " + " | ".join(done) if done else "(no reply)")]
+        last_result = max((i for i, m in enumerate(turn) if isinstance(m, ToolMessage)), default=-1)
+        said = " ".join(m.text for m in turn[last_result + 1:] if isinstance(m, AIMessage) and m.text)
+        results = sorted(state.get("results", []), key=lambda r: (r["step"], r["index"]))
+        reply = compose(said, results)
+        if not reply:
+            reply = "Here it is." if state.get("outputs") else \
+                "I have no answer to that. Could you say it another way?"
+        update: dict = {"trace": [_entry("respond", outputs=state.get("outputs", []),
+                                         composed=reply != said.strip())]}
+        if reply != said.strip():
+            update["messages"] = [AIMessage(content=reply)]
         return update
 
     def _build(self) -> StateGraph:
@@ -265,7 +276,7 @@ class Controller:
         makes its first step a tool call (scripted steps that must use a tool)."""
         config = {"configurable": {"thread_id": session}}
         start = {"messages": [HumanMessage(content=text)], "attachments": list(attachments), "media": [],
-                 "passages": [], "pending": [], "spans": [], "results": [], "outputs": [], "steps": 0,
+                 "passages": [], "pending": [], "spans": [], "results": None, "outputs": None, "steps": 0,
                  "turn_tools": tools, "require_tool": require_tool, "notices": []}
         # One checkpoint per finished turn ("exit"): a session resumes from its last completed turn,
         # and a turn does not pay for a database write at every step.

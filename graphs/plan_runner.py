@@ -25,6 +25,7 @@ from langgraph.types import Send
 
 from graphs.planner import REFERENCE, Plan
 from models.errors import SignalgraphError
+from tools.expert_tools import call_tool
 
 
 @dataclass
@@ -32,7 +33,8 @@ class TaskResult:
     id: int
     tool: str
     status: str  # "ok", "failed" or "skipped"
-    output: Any = None
+    output: Any = None  # the tool's artifact: what later tasks' references read
+    summary: str = ""  # the tool's sentence for people
     error: str | None = None
     args: dict | None = None  # as run, references filled in
     wave: int = 0
@@ -42,8 +44,7 @@ class TaskResult:
     def line(self) -> str:
         """What the final answer says about this task."""
         if self.status == "ok":
-            shown = self.output if isinstance(self.output, str) else json.dumps(self.output, default=str)
-            return f"task {self.id} {self.tool}: {shown[:300]}"
+            return f"task {self.id} {self.tool}: {self.summary[:300]}"
         if self.status == "skipped":
             return f"task {self.id} {self.tool}: {self.error}"  # "skipped: task-N failed"
         return f"task {self.id} {self.tool}: failed: {self.error}"
@@ -141,18 +142,16 @@ class PlanRunner:
             return {"results": {task["id"]: result}}
         result.started = time.perf_counter()
         try:
-            # a tool call in, a ToolMessage out: its status tells a handled tool error from a result
-            message = tool.invoke({"type": "tool_call", "id": f"task-{task['id']}", "name": tool.name,
-                                   "args": result.args})
+            outcome = call_tool(tool, result.args, f"task-{task['id']}")
         except SignalgraphError as exc:
             result.error = str(exc)
         except Exception as exc:  # a tool's own bug: report it with the task, the plan runs on
             result.error = f"{type(exc).__name__}: {exc}"
         else:
-            if message.status == "error":
-                result.error = message.text
+            if outcome.error:
+                result.error = outcome.error
             else:
-                result.status, result.output = "ok", _content(message.content)
+                result.status, result.output, result.summary = "ok", outcome.artifact, outcome.text
         result.ended = time.perf_counter()
         return {"results": {task["id"]: result}}
 
@@ -187,17 +186,6 @@ def _as_declared(tool, args: dict) -> dict:
     return {name: json.dumps(value, default=str)
             if declared.get(name, {}).get("type") == "string" and not isinstance(value, str) else value
             for name, value in args.items()}
-
-
-def _content(content: Any) -> Any:
-    """A tool's output back from a ToolMessage, which carries it as text: a dict or list was
-    written as JSON (so a string output that is itself JSON comes back as its value)."""
-    if isinstance(content, str) and content[:1] in "{[":
-        try:
-            return json.loads(content)
-        except json.JSONDecodeError:
-            return content
-    return content
 
 
 def report(results: Sequence[TaskResult]) -> str:

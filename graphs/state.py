@@ -13,9 +13,10 @@ from langchain_core.messages import AnyMessage
 from langgraph.graph.message import add_messages
 
 
-def append_or_clear(old: list | None, new: list) -> list:
-    """Parallel nodes append; a turn starts by writing [] to clear the last turn's items."""
-    return [] if new == [] else [*(old or []), *new]
+def append_or_clear(old: list | None, new: list | None) -> list:
+    """Parallel nodes append (an empty list appends nothing); a turn starts by writing None to
+    clear the last turn's items."""
+    return [] if new is None else [*(old or []), *new]
 
 
 class TurnState(TypedDict, total=False):

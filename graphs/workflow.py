@@ -32,6 +32,7 @@ from graphs.workflow_runs import RunInfo, RunLog, WorkflowError, session_of
 from graphs.workflow_spec import (MEDIA_TYPES, ApprovalStep, PromptStep, ToolStep, WorkflowSpec, input_values)
 from graphs.workflow_templates import EvaluationError, SkippedStepError, condition, evaluate, render
 from models.errors import SignalgraphError
+from tools.expert_tools import call_tool
 
 
 class StepFailed(SignalgraphError):
@@ -229,10 +230,10 @@ class WorkflowRunner:
             raise StepFailed(step.name, f"the tool {step.tool!r} is not available to this agent")
 
         def call() -> Any:
-            result = tool.invoke(args)
-            if isinstance(result, str):  # the tool's own error message (see tools/expert_tools.py)
-                raise _AttemptFailed(result)
-            return result
+            outcome = call_tool(tool, args)
+            if outcome.error:  # the tool's own error message (see tools/expert_tools.py)
+                raise _AttemptFailed(outcome.error)
+            return outcome.artifact
 
         return call
 

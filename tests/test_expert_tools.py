@@ -17,9 +17,10 @@ from langchain_core.messages import ToolMessage
 
 from models.media import load_audio, load_image
 from models.specs import ImageEncoderSpec, SpeechSpec, TranscriberSpec
-from tools.expert_tools import TOOL_NAMES, ToolContext, UnknownToolError, build_tools, tool_schemas
+from tools.expert_tools import TOOL_NAMES, ToolContext, UnknownToolError, build_tools, call_tool, tool_schemas
 from tools.media_store import MediaStore
 from tools.model_pool import ModelPool
+from tools.summaries import summary
 
 CAT = Path(__file__).resolve().parents[1] / "examples" / "data" / "cat.jpg"
 
@@ -62,6 +63,14 @@ def _tools(context: ToolContext, allow=None) -> dict:
     return {tool.name: tool for tool in build_tools(context, allow)}
 
 
+def _artifact(tool, args: dict) -> dict:
+    """What programs read of a successful call: the tool's dict (its sentence is checked too)."""
+    outcome = call_tool(tool, args)
+    assert outcome.error is None, outcome.error
+    assert outcome.text == summary(tool.name, outcome.artifact) and "{" not in outcome.text
+    return outcome.artifact
+
+
 def _call(tool, **args) -> ToolMessage:
     """Invoke as the controller does: with a tool call, so errors come back as status='error'."""
     return tool.invoke({"type": "tool_call", "id": "call-1", "name": tool.name, "args": args})
@@ -72,19 +81,21 @@ def _call(tool, **args) -> ToolMessage:
 
 def test_speak_then_transcribe_round_trip(context, store):
     tools = _tools(context)
-    spoken = tools["speak"].invoke({"text": "The quick brown fox jumps over the lazy dog."})
+    spoken = _artifact(tools["speak"], {"text": "The quick brown fox jumps over the lazy dog."})
     assert spoken["audio"] == "audio-1" and spoken["seconds"] > 1.0
     record = store.get("s1", "audio-1")
     assert record.origin == "generated" and record.suffix == ".wav" and record.meta["tool"] == "speak"
     assert len(load_audio(record.path)) > 16_000
     assert (context.output_dir / "s1" / "audio-1.wav").read_bytes() == record.path.read_bytes()
 
-    heard = tools["transcribe"].invoke({"audio": "audio-1"})
+    heard = _artifact(tools["transcribe"], {"audio": "audio-1"})
     words = heard["text"].lower()
     # piper samples noise in its voice, so each rendering differs a little, and now and then
     # Whisper tiny.en mishears one word of it ("lizzy dog"): one slip in five is allowed
     assert sum(word in words for word in ("quick", "brown", "fox", "lazy", "dog")) >= 4, heard
     assert heard["audio"] == "audio-1" and heard["language"] == "en"
+    assert summary("transcribe", heard) == f'audio-1 says: "{heard["text"].strip()}"'
+    assert summary("speak", spoken).startswith('I said "The quick brown fox') and spoken["audio"] in summary("speak", spoken)
 
 
 def test_speak_with_nothing_speakable_is_a_message(context):
@@ -97,10 +108,13 @@ def test_speak_with_nothing_speakable_is_a_message(context):
 
 def test_describe_image_names_the_cat(context, store):
     store.add_file("s1", CAT)
-    result = _tools(context)["describe_image"].invoke({"image": "image-1", "top_k": 3})
+    result = _artifact(_tools(context)["describe_image"], {"image": "image-1", "top_k": 3})
     labels = [entry["label"].lower() for entry in result["labels"]]
     assert len(labels) == 3 and any("cat" in label or "tabby" in label for label in labels), result
     assert all(0.0 <= entry["score"] <= 1.0 for entry in result["labels"])
+    top = result["labels"][0]
+    assert summary("describe_image", result).startswith(f"image-1 looks like a") and top["label"] in summary(
+        "describe_image", result) and f"({round(100 * top['score'])}%)" in summary("describe_image", result)
 
 
 def test_describe_image_without_a_classifier_says_so(context, tiny_profile):
@@ -111,9 +125,9 @@ def test_describe_image_without_a_classifier_says_so(context, tiny_profile):
 
 def test_generate_image_gives_a_new_png_id_each_time(context, store):
     tools = _tools(context)
-    first = tools["generate_image"].invoke({"prompt": "a red bicycle", "seed": 3})
-    second = tools["generate_image"].invoke({"prompt": "a red bicycle", "seed": 3})
-    assert first == {"image": "image-1"} and second == {"image": "image-2"}
+    first = _artifact(tools["generate_image"], {"prompt": "a red bicycle", "seed": 3})
+    second = _artifact(tools["generate_image"], {"prompt": "a red bicycle", "seed": 3})
+    assert first == {"image": "image-1", "prompt": "a red bicycle"} and second["image"] == "image-2"
     one, two = store.get("s1", "image-1"), store.get("s1", "image-2")
     assert one.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_image(one.path).size == (32, 32)
@@ -124,7 +138,7 @@ def test_generate_image_gives_a_new_png_id_each_time(context, store):
 def test_parallel_generations_get_distinct_ids(context, store):
     tool = _tools(context)["generate_image"]
     results: list[dict] = []
-    threads = [threading.Thread(target=lambda s=s: results.append(tool.invoke({"prompt": "a boat", "seed": s})))
+    threads = [threading.Thread(target=lambda s=s: results.append(_artifact(tool, {"prompt": "a boat", "seed": s})))
                for s in range(3)]
     for thread in threads:
         thread.start()
@@ -146,7 +160,7 @@ def test_generate_image_without_a_generator_is_a_plain_message(context, profile)
 
 
 def test_generate_audio_gives_a_wav_id(context, store):
-    result = _tools(context)["generate_audio"].invoke({"prompt": "rain on a roof", "seconds": 0.5, "seed": 1})
+    result = _artifact(_tools(context)["generate_audio"], {"prompt": "rain on a roof", "seconds": 0.5, "seed": 1})
     assert result["audio"] == "audio-1" and result["seconds"] == pytest.approx(0.5, abs=0.05)
     record = store.get("s1", "audio-1")
     assert record.path.read_bytes()[:4] == b"RIFF" and record.suffix == ".wav"
@@ -183,12 +197,13 @@ class _FakeKB:
 def test_search_knowledge_returns_passages_with_sources(context):
     kb = _FakeKB()
     context.knowledge_base = kb
-    result = _tools(context)["search_knowledge"].invoke({"query": "speech to text", "k": 2})
+    result = _artifact(_tools(context)["search_knowledge"], {"query": "speech to text", "k": 2})
     assert kb.calls == [("speech to text", 2)]
     assert result["passages"][0] == {"text": "Whisper transcribes speech.", "source": "models.md",
                                      "position": 3, "score": 0.9}
     assert [p["source"] for p in result["passages"]] == ["models.md", "speech.md"]
     json.dumps(result)
+    assert summary("search_knowledge", result) == 'Your notes say: "Whisper transcribes speech." [models.md#3]'
 
 
 def test_search_knowledge_without_a_knowledge_base(context):
@@ -213,7 +228,7 @@ def test_paths_and_wrong_kinds_are_refused_with_the_ids_that_would_do(context, s
     tools = _tools(context)
     result = _call(tools["describe_image"], image=str(CAT))
     assert result.status == "error" and "looks like a file path" in result.content and "image-1" in result.content
-    spoken = tools["speak"].invoke({"text": "hello"})["audio"]
+    spoken = _artifact(tools["speak"], {"text": "hello"})["audio"]
     result = _call(tools["transcribe"], audio="image-1")  # an image where audio is wanted
     assert result.status == "error" and "'image-1' is an image" in result.content and spoken in result.content
     result = _call(tools["generate_audio"], prompt="x", seconds=-1)
@@ -343,6 +358,6 @@ def test_tools_share_the_pool(context, pool, store):
     store.add_file("s1", CAT)
     before = len(pool.loaded())
     for _ in range(2):
-        _tools(context)["describe_image"].invoke({"image": "image-1"})
+        _artifact(_tools(context)["describe_image"], {"image": "image-1"})
     encoder_keys = [k for k in pool.loaded() if k[0] == "image_encoder"]
     assert len(encoder_keys) == 1 and len(pool.loaded()) - before <= 1

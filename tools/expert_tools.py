@@ -9,7 +9,9 @@ calls that fit.
   file paths (HuggingGPT #75). New media get new ids and the result names them.
 - Models come from the `ModelPool`: loaded the first time a tool needs them, once per process,
   shared between sessions; a model that keeps per-call state runs for one caller at a time.
-- Successful calls return a small JSON-able dict (`{"image": "image-3"}`). Errors the user or
+- Successful calls give a sentence for people (`tools/summaries.py`) as their content and a small
+  JSON-able dict (`{"image": "image-3"}`) as their artifact (`response_format=
+  "content_and_artifact"`); `call_tool` runs one and returns both. Errors the user or
   the model can cause (an unknown id, a corrupt file, no generator in the profile, arguments
   that do not fit the schema) come back as a plain message string instead of an exception:
   they are raised as `ToolException` and the tools are built with `handle_tool_error=True`
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from models.errors import MediaError, SignalgraphError
 from models.specs import ProfileSpec
 from tools.media_store import MediaRecord, MediaStore
 from tools.model_pool import DEFAULT_POOL, ModelPool
+from tools.summaries import summary
 
 TOOL_NAMES: tuple[str, ...] = (
     "transcribe",
@@ -255,7 +259,7 @@ def _make_speak(context: ToolContext) -> StructuredTool:
             {"tool": "speak", "text": text, "sample_rate": rate},
         )
         _export(context, record)
-        return {"audio": record.id, "seconds": round(len(samples) / rate, 2)}
+        return {"audio": record.id, "text": text, "seconds": round(len(samples) / rate, 2)}
 
     return _tool(context, speak, SpeakArgs, "Say a text aloud. Returns the id of the new spoken audio.")
 
@@ -302,7 +306,7 @@ def _make_generate_image(context: ToolContext) -> StructuredTool:
             {"tool": "generate_image", "prompt": prompt, "seed": seed, "width": image.width, "height": image.height},
         )
         _export(context, record)
-        return {"image": record.id}
+        return {"image": record.id, "prompt": prompt}
 
     return _tool(context, generate_image, GenerateImageArgs,
                  "Draw a new image from a text prompt. Returns the id of the new image.")
@@ -324,7 +328,7 @@ def _make_generate_audio(context: ToolContext) -> StructuredTool:
             {"tool": "generate_audio", "prompt": prompt, "seed": seed, "seconds": seconds, "sample_rate": rate},
         )
         _export(context, record)
-        return {"audio": record.id, "seconds": round(len(samples) / rate, 2)}
+        return {"audio": record.id, "prompt": prompt, "seconds": round(len(samples) / rate, 2)}
 
     return _tool(context, generate_audio, GenerateAudioArgs,
                  "Make a sound or music clip from a text prompt. Returns the id of the new audio.")
@@ -353,9 +357,21 @@ def _make_search_knowledge(context: ToolContext) -> StructuredTool:
                  "Look up passages in the knowledge base. Returns the passages with their sources.")
 
 
+def _with_summary(func: Callable[..., dict]) -> Callable[..., tuple[str, dict]]:
+    """The tool's dict becomes (a sentence for people, the dict for programs)."""
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> tuple[str, dict]:
+        result = func(**kwargs)
+        return summary(func.__name__, result), result
+
+    return wrapper
+
+
 def _tool(context: ToolContext, func: Callable[..., Any], args: type[BaseModel], description: str) -> StructuredTool:
     return StructuredTool.from_function(
-        func=_user_errors(func),
+        func=_user_errors(_with_summary(func)),
+        response_format="content_and_artifact",
         name=func.__name__,
         description=description,
         args_schema=args,
@@ -388,6 +404,35 @@ def build_tools(context: ToolContext, allow: Iterable[str] | None = None) -> lis
             f"available tools: {', '.join(TOOL_NAMES)}"
         )
     return [_BUILDERS[name](context) for name in names]
+
+
+@dataclass
+class ToolOutcome:
+    """One tool call's result: `text` for people (or the error), `artifact` for programs."""
+
+    text: str
+    artifact: Any = None
+    error: str | None = None
+
+
+def call_tool(tool: BaseTool, args: dict, call_id: str = "call") -> ToolOutcome:
+    """Run a tool as the controller does, through a tool call: its sentence and its artifact, or
+    the handled error's message. A tool that returns only content (one a user registered) gets
+    that content as its artifact, and a sentence in words made from it."""
+    message = tool.invoke({"type": "tool_call", "id": call_id, "name": tool.name, "args": args})
+    text = message.text
+    if message.status == "error":
+        return ToolOutcome(text, None, text)
+    artifact = message.artifact
+    if artifact is None:
+        artifact = message.content
+        if isinstance(artifact, str):
+            try:
+                artifact = json.loads(artifact)
+            except ValueError:
+                pass
+        text = summary(tool.name, artifact)
+    return ToolOutcome(text, artifact)
 
 
 def tool_schemas(tools: Iterable[BaseTool]) -> list[dict[str, Any]]:

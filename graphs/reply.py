@@ -1,0 +1,84 @@
+"""The response stage: the words a person reads at the end of every turn.
+
+HuggingGPT's fourth stage: after the tools ran, the backbone writes the reply from their results.
+A small backbone does not always manage, so the controller checks what it wrote: a reply that is
+empty, or is markup (JSON, a tool call, the controller's own prompt) is replaced, and a reply that
+leaves out what a tool found (the transcript, the label, the passage) gets the tool's own sentence
+for people added. The raw results stay in the trace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tools.summaries import key_fact
+
+_MARKUP = re.compile(r"<tool_call>|</tool_call>|<tool_response|\[(IMG|AUD|VID)\d+\]|^Result of |^Done\.\s+\w+:")
+
+
+def is_markup(text: str) -> bool:
+    """Text no person should read as a reply: JSON, tool-call syntax, signal tokens, prompt echoes."""
+    stripped = text.strip()
+    if not stripped:
+        return False
+    if _MARKUP.search(stripped):
+        return True
+    if stripped[0] in "{[":
+        try:
+            json.loads(stripped)
+            return True
+        except ValueError:
+            return '":' in stripped  # a JSON object cut short is still JSON
+    return bool(re.search(r'\{\s*"[^"]+"\s*:', stripped))
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def states(reply: str, result: dict) -> bool:
+    """Whether `reply` tells the person what this result found."""
+    if result.get("error"):
+        return False
+    fact = key_fact(result["name"], result.get("artifact"))
+    if fact is None:
+        return bool(reply.strip())
+    return _normal(fact) in _normal(reply)
+
+
+def _failure(result: dict) -> str:
+    return f"I could not run {result['name'].replace('_', ' ')}: {result['error']}"
+
+
+def compose(model_text: str, results: list[dict]) -> str:
+    """The reply: the model's own words when they are words, plus each result they leave out.
+
+    `results` are this turn's tool results, in order: {"name", "summary", "artifact", "error"}."""
+    reply = "" if is_markup(model_text) else model_text.strip()
+    # a failure the model recovered from (the same tool later succeeded) is not news
+    recovered = {r["name"] for r in results if not r.get("error")}
+    results = [r for r in results if not (r.get("error") and r["name"] in recovered)]
+    missing = [_failure(r) if r.get("error") else r["summary"] for r in results if not states(reply, r)]
+    return " ".join(part for part in [reply, *dict.fromkeys(missing)] if part)
+
+
+class ProseGate:
+    """Streams a think round's text only once it is clearly prose: a round that opens with `{` or
+    `[` is held back (the response stage decides what the person reads instead)."""
+
+    def __init__(self, emit):
+        self.emit = emit
+        self.held = ""
+        self.decided: bool | None = None  # None: not yet; True: stream; False: withhold
+
+    def __call__(self, text: str) -> None:
+        if self.decided is None:
+            self.held += text
+            stripped = self.held.lstrip()
+            if not stripped:
+                return
+            self.decided = stripped[0] not in "{["
+            text, self.held = self.held, ""
+        if self.decided:
+            self.emit(text)
