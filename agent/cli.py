@@ -60,15 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int)
 
     proof = commands.add_parser("proof", help="the training proofs, each one command (see README)")
-    proof.add_argument("which", choices=["seeing", "drawing", "choosing", "joint"],
-                       help="joint: one model trained on all three, the local profile's weights")
+    proof.add_argument("which", choices=["seeing", "drawing", "choosing", "joint", "assistant"],
+                       help="joint: one model trained on all three; assistant: the local profile's weights, "
+                            "retrained from joint's to answer people")
     proof.add_argument("--out", help="default results/proofs/WHICH")
     proof.add_argument("--pt-steps", type=int, help="seeing's PT steps (seeing, joint)")
     proof.add_argument("--it-steps", type=int, help="IT steps (seeing, joint)")
     proof.add_argument("--test-questions", type=int, default=1000)
     proof.add_argument("--resume", action="store_true")
     proof.add_argument("--install", action="store_true",
-                       help="joint: write the weights to models/trained/local, for the local profile")
+                       help="joint: write the weights to models/trained/joint; assistant: to models/trained/local, "
+                            "for the local profile")
 
     bench = commands.add_parser("bench", help="benchmarks against their baselines, written under --out; without "
                                               "a suite, the full report (report.md, report.json, plots)")
@@ -166,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 return drawing(out, resume=args.resume)
             steps = {k: v for k, v in (("pt_steps", args.pt_steps), ("it_steps", args.it_steps)) if v is not None}
+            if args.which == "assistant":
+                from agent.proof_assistant import assistant
+
+                steps.pop("pt_steps", None)  # it starts from trained weights: IT only
+                return assistant(out, **steps, resume=args.resume, install_weights=args.install)
             if args.which == "joint":
                 from agent.proof_joint import joint
 

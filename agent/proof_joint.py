@@ -6,7 +6,8 @@ to the small generator's text conditioning (drawing). Their weights are merged, 
 both projectors and the new tokens) runs on a mix of the three proofs' instruction data, part of
 it in the controller's own prompt format (tool list, attachments), so the demo's turns look like
 training. The three proofs' measures are then taken on the one model. `--install` writes the
-weights (fp16) and the generator to models/trained/local, where the `local` profile reads them.
+weights (fp16) and the generator to models/trained/joint, where `signalgraph proof assistant`
+starts the `local` profile's weights from.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from agent.proof_drawing import _grid, _manifests, draw_all, drawing_profile, ge
 from agent.proofs import choose_rates, seeing_pt_stage, test_sample, tool_use_lines
 from models.training.shape_judge import COLORS, SHAPES
 
-INSTALL_DIR = Path(__file__).resolve().parent.parent / "models" / "trained" / "local"
+TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained"
+JOINT_DIR = TRAINED / "joint"  # what `--install` writes; `proof assistant` starts from it
+LOCAL_DIR = TRAINED / "local"  # the `local` profile's weights (`proof assistant --install`)
 ONE_WORD = " Answer with one word."
 
 
@@ -75,7 +78,7 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def install(weights: Path, pipeline: Path, report: dict, dest: Path = INSTALL_DIR) -> Path:
+def install(weights: Path, pipeline: Path, report: dict, dest: Path) -> Path:
     """The trained weights in fp16 (half the size; loading casts them back) and the generator."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -162,6 +165,6 @@ def joint(out: str, *, seeing_pt_steps: int = 300, drawing_pt_steps: int = 150, 
           f"{report['drawing']['judged_correct']:.1%} judged right (signal span in {emitted}/{len(drawn)}); choosing "
           f"right tool {choosing['right_tool']:.1%} on {len(heldout)} held-out requests. Grid: {out_dir / 'grid.png'}")
     if install_weights:
-        where = install(tuned.weights, out_dir / "drawing" / "generator" / "pipeline", report)
-        print(f"installed the local profile's weights in {where}")
+        where = install(tuned.weights, out_dir / "drawing" / "generator" / "pipeline", report, JOINT_DIR)
+        print(f"installed the joint weights in {where}; `signalgraph proof assistant --install` continues from them")
     return 0

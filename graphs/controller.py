@@ -190,7 +190,7 @@ class Controller:
                   "summary": summary, "artifact": outcome.artifact if outcome is not None else None,
                   "error": error, "created": created}
         entry = _entry("act", tool=call["name"], args=call["args"], seconds=round(time.perf_counter() - started, 3),
-                       error=error)
+                       error=error, result=result["artifact"])  # the raw result stays in the trace
         return {"results": [result], "trace": [entry]}
 
     def _collect(self, state: TurnState) -> dict:

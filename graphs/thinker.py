@@ -73,8 +73,11 @@ def _signature(tool: dict) -> str:
     return f"{tool['name']}({', '.join(args)})"
 
 
-def system_prompt(tools: list[dict], media: list[dict]) -> str:
+def system_prompt(tools: list[dict], media: list[dict], skills: list[str] = ()) -> str:
+    """The backbone's system turn: who it is, its tools, its own trained skills, the attachments."""
     parts = [prompts()["system"].strip()]
+    if skills:
+        parts.append(prompts()["skills"].format(skills="; ".join(skills)).strip())
     if tools:
         # signatures, not JSON schemas: small models copy schema descriptions into their arguments
         listing = "\n".join(f"- {_signature(t)}: {t['description']}" for t in tools)
@@ -115,7 +118,8 @@ class BackboneThinker:
         from graphs.signal_parser import SignalParser, TextDelta, parse_message
         from models.constrained_decoding import ToolCallConstraint
 
-        chat, _ = to_chat(messages, system_prefix=system_prompt(tools, media), plain_tool_results=True)
+        chat, _ = to_chat(messages, system_prefix=system_prompt(tools, media, self.skills()),
+                          plain_tool_results=True)
         if passages:  # after the user's own words, where small models look, not in the system prompt
             last = max(i for i, m in enumerate(chat) if m["role"] == "user")
             listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
@@ -146,6 +150,12 @@ class BackboneThinker:
         spans = [{"modality": s.modality, "key": self.cache.put(s.conditioning) if s.conditioning else None,
                   "error": s.error} for s in generation.spans]
         return ThinkResult(parsed.text.strip(), calls, spans, [m.error for m in parsed.malformed], generation.text)
+
+    def skills(self) -> list[str]:
+        """The model's own trained skills, in words (graphs/capabilities.py)."""
+        from graphs.capabilities import SKILL_WORDS
+
+        return [words for (side, modality), words in SKILL_WORDS.items() if self.mm.has_trained(side, modality)]
 
     def _signal_strings(self) -> dict[str, list[str]]:
         tok = self.mm.backbone.tokenizer

@@ -136,6 +136,13 @@ class MMLLM(nn.Module):
             self.backbone.enable_lora()
             set_peft_model_state_dict(self.backbone.model, lora)
 
+    def has_trained(self, side: str, modality: str) -> bool:
+        """Whether this model has trained weights for its `side` ("input" or "output") projector of
+        `modality`, and (for outputs) a generator to feed: a skill it has end to end."""
+        if not self._section(f"{side}_projectors.{modality}."):
+            return False
+        return side == "input" or getattr(self.profile, f"{modality}_generator", None) is not None
+
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Everything training changes, and nothing frozen: what a checkpoint holds."""
         state = {f"input_projectors.{k}": v for k, v in self.input_projectors.state_dict().items()}

@@ -1,0 +1,103 @@
+"""`signalgraph proof assistant`: the `local` weights retrained to answer people, from the shipped ones.
+
+It continues from the joint proof's weights (models/trained/joint: seeing, drawing, choosing),
+so its recipe fits a CPU session: no PT, one IT on the assistant mix (agent/assistant_mix.py:
+instruction variety for seeing, the turn after a tool's result, plans, self-description, and the
+untrained backbone's own answers to everyday prompts). The shipped adapter (rank 8 on attention)
+is widened to rank 24 on every linear layer first (models/training/lora_widen.py): the same model
+at the start, more room for the new skills. `--install` writes the result to models/trained/local.
+Measure it with `python -m agent.assistant_eval` (through the HTTP API, on held-out phrasings).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from agent.proof_joint import JOINT_DIR, LOCAL_DIR, install
+from models.specs import LoraSpec
+
+SHIPPED_LORA = LoraSpec(r=8, alpha=16)
+ASSISTANT_LORA = LoraSpec(r=24, alpha=48, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
+COUNTS = {"seeing": 1800, "tool_sessions": 450, "tool_lines": 300, "drawing": 400, "plans": 240,
+          "capabilities": 200}
+GENERAL = 480  # everyday prompts asked of the untrained backbone; those it finishes are kept
+
+
+def _start(out_dir: Path, general: int, seed: int) -> tuple[Path, list[tuple[str, str]]]:
+    """The start weights (shipped, adapter widened), their profile, and the untrained backbone's own
+    answers to everyday prompts; all kept in `out_dir`, so a resumed run reuses them."""
+    from safetensors.torch import load_file, save_file
+
+    from agent.assistant_mix import teacher_answers
+    from agent.general_questions import training_prompts
+    from models.mmllm import MMLLM
+    from models.profiles import load_profile
+    from models.training.lora_widen import widen_lora
+
+    profile, weights, answers = out_dir / "start.yaml", out_dir / "start.safetensors", out_dir / "general.jsonl"
+    if profile.exists() and weights.exists() and answers.exists():
+        return profile, [tuple(json.loads(x)) for x in answers.read_text().splitlines()]
+    untrained = MMLLM.from_profile(load_profile("local-untrained"), require_trained=False)
+    untrained.eval()
+    teacher = teacher_answers(untrained, training_prompts(general, seed))
+    answers.write_text("".join(json.dumps(pair) + "\n" for pair in teacher))
+    shipped = {k: v.float() for k, v in load_file(str(JOINT_DIR / "trained.safetensors")).items()}
+    save_file(widen_lora(shipped, SHIPPED_LORA, untrained.backbone, ASSISTANT_LORA), str(weights))
+    shutil.copytree(JOINT_DIR / "generator", out_dir / "generator", dirs_exist_ok=True)
+    profile.write_text("extends: local-untrained\nprojector_weights: start.safetensors\n"
+                       "image_generator: {source: ./generator, steps: 25, guidance: 4.0}\n"
+                       "output_projectors:\n  image: {type: transformer, hidden: 256, layers: 2, heads: 4}\n"
+                       f"backbone:\n  lora: {json.dumps(ASSISTANT_LORA.model_dump())}\n")
+    return profile, teacher
+
+
+def assistant(out: str, *, it_steps: int = 240, batch_size: int = 16, lr: float = 3e-4, resume: bool = False,
+              install_weights: bool = False, seed: int = 0) -> int:
+    from agent.assistant_mix import assistant_mix
+    from agent.proof_drawing import _manifests
+    from graphs.capabilities import SKILL_WORDS
+    from models.profiles import load_profile
+    from models.training.stages import TrainConfig
+    from models.training.trainer import train
+    from tools.expert_tools import ToolContext, build_tools, tool_schemas
+    from tools.media_store import MediaStore
+
+    out_dir = Path(out)
+    data = out_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    start_profile, teacher = _start(out_dir, GENERAL, seed)
+    schemas = tool_schemas(build_tools(ToolContext("assistant", load_profile("local-untrained"),
+                                                   MediaStore(out_dir / "media"))))
+    skills = [SKILL_WORDS["input", "image"], SKILL_WORDS["output", "image"]]  # what `local` has trained
+    _, draw_it = _manifests(data, 2400, seed)
+    mix = data / "assistant-it.jsonl"
+    if not (resume and mix.exists()):
+        lines = assistant_mix(data, schemas=schemas, skills=skills, draw_it=draw_it, teacher=teacher,
+                              counts=COUNTS, seed=seed)
+        mix.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tuned = train(TrainConfig.from_dict({"profile": str(start_profile), "out_dir": str(out_dir / "it"), "stages": [{
+        "name": "it", "data": [str(mix)], "steps": it_steps, "batch_size": batch_size, "lr": lr,
+        "group_by_length": True, "log_every": 5, "checkpoint_every": 10, "seed": seed + 1}]}),
+        resume=resume, overwrite=not resume)
+    report = {"it_data": {**COUNTS, "general": len(teacher)}, "it_steps": it_steps, "batch_size": batch_size,
+              "lr": lr, "adapter": ASSISTANT_LORA.model_dump(), "started_from": "models/trained/joint",
+              "trained_minutes": round((time.perf_counter() - started) / 60, 1), "device": _device(),
+              "trainable": {"it": tuned.stages["it"].counts}, "profile": str(tuned.profile)}
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nassistant: IT {it_steps} x {batch_size} in {report['trained_minutes']} min on {report['device']}; "
+          f"profile {tuned.profile}. Measure it: python -m agent.assistant_eval --profile {tuned.profile}")
+    if install_weights:
+        where = install(tuned.weights, out_dir / "generator", report, LOCAL_DIR)
+        print(f"installed the local profile's weights in {where}")
+    return 0
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,162 @@
+"""The assistant's IT mix: instruction variety for seeing, plans, self-description, kept knowledge,
+and the widened adapter the retraining starts from."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from agent.assistant_mix import CAPABILITY_HELD_OUT, CAPABILITY_QUESTIONS, assistant_mix, capability_lines
+from agent.general_questions import HELD_OUT, correct, training_prompts
+from agent.plan_requests import KINDS, plan_requests, right_tools
+from graphs.capabilities import TOOL_WORDS, describe
+from models.training.data import read_manifest
+from models.training.vqa_phrasings import STYLES, answer_in, styled_test_lines, varied_vqa_manifest
+
+SCHEMAS = [{"name": n, "description": f"{n} things.", "parameters": {"type": "object", "properties": {}}}
+           for n in TOOL_WORDS]
+
+
+# --- seeing -------------------------------------------------------------------------------------
+
+
+def test_varied_questions_get_the_answer_form_their_instruction_asks(tmp_path):
+    manifest = varied_vqa_manifest(tmp_path, 120, seed=1)
+    records = read_manifest(manifest)  # valid manifest lines, images that exist
+    assert len(records) == 120
+    held_out = {w.replace("{q}", "").strip() for _, _, wordings in STYLES.values() for w in wordings if w != "{q}"}
+    one_word = [w.replace("{q}", "").strip() for style, (form, train, _) in STYLES.items() if form == "word"
+                for w in train]
+    turns = [(m["content"], r.messages[i + 1]["content"]) for r in records for i, m in enumerate(r.messages)
+             if m["role"] == "user"]
+    assert len(turns) > 150
+    for question, answer in turns:
+        assert not any(h and h in question for h in held_out), question  # held-out wordings never train
+        if any(w in question for w in one_word):
+            assert len(answer.split()) == 1, (question, answer)
+        else:
+            assert answer.endswith("."), (question, answer)
+    assert any(a.endswith("so no.") for _, a in turns) and any(a.endswith("so yes.") for _, a in turns)
+
+
+def test_sentence_answers_end_in_the_scored_word():
+    facts = {"color": "blue", "shape": "circle"}
+    assert answer_in("sentence", "what color is the shape?", "blue", facts) == "It is blue."
+    assert answer_in("sentence", "is there a red shape?", "no", facts) == "Blue is not red, so no."
+    assert answer_in("word", "is there a red shape?", "no", facts) == "no"
+    assert answer_in("sentence", "is there a red shape?", "no", {}) is None  # no fact, no sentence
+
+
+def test_each_style_is_evaluated_in_its_held_out_wording():
+    sample = [{"image": "x.png", "question": "what color is the shape?", "answer": "blue"}]
+    for style, (_, train, held_out) in STYLES.items():
+        (row,) = styled_test_lines(sample, style)
+        assert row["prompt"] in [w.format(q="What color is the shape?") for w in held_out]
+        if style != "bare":
+            assert row["prompt"] not in [w.format(q="What color is the shape?") for w in train]
+
+
+# --- plans, self-description, kept knowledge ---------------------------------------------------------
+
+
+def test_plan_requests_validate_against_the_real_tools_and_hold_out_their_phrasings(tiny_profile, tmp_path):
+    from graphs.planner import validate_plan
+    from tools.expert_tools import ToolContext, build_tools
+    from tools.media_store import MediaStore
+
+    tools = build_tools(ToolContext("s", tiny_profile, MediaStore(tmp_path / "m")))
+    train, held_out = plan_requests(70), plan_requests(14, split="heldout")
+    assert {i["request"] for i in train}.isdisjoint({i["request"] for i in held_out})
+    for item in train[:14] + held_out:
+        plan = validate_plan({"tasks": item["tasks"]}, tools)
+        assert right_tools([{"tool": t.tool} for t in plan.tasks], item["tasks"])
+    assert {len(KINDS[k][1]) for k in KINDS} >= {2, 3}
+
+
+def test_self_description_names_exactly_the_sessions_tools_and_skills():
+    tools = [s for s in SCHEMAS if s["name"] in ("transcribe", "speak")]
+    text = describe(tools, ["look at the images you attach"])
+    assert "write down what is said in a recording" in text and "read text aloud" in text
+    assert "draw a picture" not in text and "look at the images you attach" in text
+    assert "no tools" in describe([], [])
+    other = {"name": "send_email", "description": "Send an email to a colleague. Needs an address."}
+    assert "send an email to a colleague" in describe([other], [])
+
+
+def test_capability_lines_answer_from_the_prompt_they_show():
+    lines = capability_lines(SCHEMAS, 30, random.Random(0))
+    for line in lines:
+        system, question, answer = (m["content"] for m in line["messages"])
+        assert question in CAPABILITY_QUESTIONS and question not in CAPABILITY_HELD_OUT
+        for name, words in TOOL_WORDS.items():
+            assert (words in answer) == (f"- {name}(" in system), (name, system, answer)
+
+
+def test_general_training_prompts_never_ask_a_held_out_question():
+    prompts = training_prompts(300)
+    assert len(prompts) == len(set(prompts)) == 300
+    assert not {q.lower() for q, _ in HELD_OUT} & {p.lower() for p in prompts}
+    assert correct("The capital is Dublin.", ("dublin",)) and not correct("Paris.", ("dublin",))
+
+
+def test_the_mix_is_valid_and_mostly_in_the_controllers_format(tmp_path):
+    from agent.proof_drawing import _manifests
+
+    _, draw_it = _manifests(tmp_path, 48, 0)
+    lines = assistant_mix(tmp_path, schemas=SCHEMAS, skills=["look at the images you attach"], draw_it=draw_it,
+                          teacher=[("What is gravity?", "Gravity pulls things together.")],
+                          counts={"seeing": 30, "tool_sessions": 6, "tool_lines": 4, "drawing": 8, "plans": 6,
+                                  "capabilities": 5}, seed=0)
+    path = tmp_path / "mix.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records = read_manifest(path)
+    assert len(records) == 30 + 6 + 4 + 8 + 6 + 5 + 1
+    seeing = [r for r in records if r.media["image"]]
+    framed = [r for r in seeing if r.messages[0]["role"] == "system"]
+    assert framed and all("[attached: image-1]" in r.messages[1]["content"]
+                          and "look at the images you attach" in r.messages[0]["content"] for r in framed)
+    replies = [m["content"] for r in records for m in r.messages if m["role"] == "assistant"]
+    assert any(" says: " in r or "looks like" in r or "I said" in r for r in replies)  # the turn after a result
+
+
+# --- the widened adapter ---------------------------------------------------------------------------
+
+
+def test_a_widened_adapter_starts_as_the_trained_one(tiny_profile):
+    from peft import get_peft_model_state_dict
+
+    from models.backbone import Backbone
+    from models.specs import LoraSpec
+    from models.training.lora_widen import widen_lora
+
+    small, wide = LoraSpec(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), \
+        LoraSpec(r=6, alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"])
+    ids = torch.tensor([[5, 9, 23, 44, 70, 12]])
+    trained = Backbone.from_spec(tiny_profile.backbone)
+    trained.enable_lora(small)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in trained.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: its update is not zero
+        expected = trained.model(input_ids=ids).logits
+    state = {f"backbone.lora.{k}": v for k, v in get_peft_model_state_dict(trained.model,
+                                                                           save_embedding_layers=False).items()}
+    state["input_projectors.image.0.weight"] = torch.ones(2)
+    fresh = Backbone.from_spec(tiny_profile.backbone)
+    widened = widen_lora(state, small, fresh, wide)
+    assert torch.equal(widened["input_projectors.image.0.weight"], torch.ones(2))
+    a = next(v for k, v in widened.items() if k.endswith("q_proj.lora_A.weight"))
+    assert a.shape[0] == 6
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(fresh.model, {k[len("backbone.lora."):]: v for k, v in widened.items()
+                                            if k.startswith("backbone.lora.")})
+    with torch.no_grad():
+        assert torch.allclose(fresh.model(input_ids=ids).logits, expected, atol=1e-5)
+    with pytest.raises(Exception, match="rank"):
+        widen_lora(state, wide, Backbone.from_spec(tiny_profile.backbone), small)
