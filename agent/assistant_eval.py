@@ -5,9 +5,11 @@ through the official `openai` client, on items and phrasings that no training li
 
 - seeing: the fixed easy-vqa test questions with the image, in each evaluated style's held-out
   wording (models/training/vqa_phrasings.py); the reply's last word is scored;
+- drawing: "Draw a <colour> <shape>" in held-out wordings, the linked picture read by the judge;
 - tools: held-out tool requests with real media attached and the real tools run; the right tools
   and arguments (from the turn's trace), and whether the reply states every result;
 - plans: held-out multi-step requests planned by the backbone (`make_plan`, as `signalgraph plan`);
+- caller's tools: function calling with tools the API's caller brings (`tools`), as an app would;
 - general: questions with known answers (agent/general_questions.py), beside any baseline profile;
 - self-description: held-out "what can you do?" questions, scored against the session's tools;
 - every reply of every part: none may look like JSON or the controller's markup.
@@ -90,7 +92,7 @@ def _ask(client, user: str, text: str, *, image: Path | None = None, audio: Path
                                                 messages=[{"role": "user", "content": parts}])
     message = completion.choices[0].message
     extension = completion.model_extra.get("signalgraph") or {}
-    return {"text": message.content or "", "trace": extension.get("trace", [])}
+    return {"text": message.content or "", "trace": extension.get("trace", []), "media": extension.get("media", [])}
 
 
 def _words(text: str) -> str:
@@ -194,6 +196,82 @@ def _results(trace: list[dict]) -> list[dict]:
             if e["step"] == "act"]
 
 
+DRAWING_HELD_OUT = ["Could you draw me a {c} {s}?", "Show me a {c} {s}, drawn by you."]
+
+
+def drawing(client, judge_file: Path) -> dict:
+    """"Draw a <colour> <shape>" in held-out wordings for all 24 pairs; the picture the reply links
+    is fetched over HTTP and read back by the shapes judge (trained here once, then reused)."""
+    import io
+    import itertools
+
+    import httpx
+    from PIL import Image
+
+    from models.training.data import easy_vqa_shapes
+    from models.training.shape_judge import COLORS, SHAPES, load_judge, save_judge, train_judge
+
+    if judge_file.is_file():
+        judge = load_judge(judge_file)
+    else:
+        judge = train_judge(easy_vqa_shapes("train"))
+        save_judge(judge, judge_file)
+
+    def one(item):
+        c, s, wording = item
+        reply = _ask(client, f"draw-{random.random()}", wording.format(c=c, s=s))
+        images = [m for m in reply["media"] if m["kind"] == "image"]
+        seen = judge.judge([Image.open(io.BytesIO(httpx.get(images[0]["url"]).content)).convert("RGB")])[0] \
+            if images else None
+        via = "output projector" if any(e["step"] == "generate" and e.get("media") for e in reply["trace"]) else \
+            "generate_image tool" if any(e["step"] == "act" and e["tool"] == "generate_image" for e in reply["trace"]) \
+            else "nothing drawn"
+        return {"request": wording.format(c=c, s=s), "reply": reply["text"], "judged": seen, "via": via,
+                "right": seen == (c, s)}
+    done = _many(one, [(c, s, w) for c, s in itertools.product(COLORS, SHAPES) for w in DRAWING_HELD_OUT], "drawing")
+    return {"of": len(done), "judged_right": round(sum(r["right"] for r in done) / len(done), 4),
+            "via": {v: sum(r["via"] == v for r in done) for v in {r["via"] for r in done}}, "rows": done}
+
+
+CALLER_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city.",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "convert_currency", "description": "Convert an amount of money.",
+                                      "parameters": {"type": "object", "properties": {
+                                          "amount": {"type": "number"}, "to": {"type": "string"}},
+                                          "required": ["amount", "to"]}}},
+    {"type": "function", "function": {"name": "add_reminder", "description": "Add a reminder to the user's list.",
+                                      "parameters": {"type": "object", "properties": {"text": {"type": "string"}},
+                                                     "required": ["text"]}}},
+]
+CALLER_REQUESTS = [  # (request, tool, the argument that must appear)
+    *[(f"What is the weather like in {c}?", "get_weather", c) for c in ("Oslo", "Lima", "Cairo", "Denver")],
+    *[(f"Is it raining in {c} right now?", "get_weather", c) for c in ("Paris", "Seoul")],
+    *[(f"Convert {n} dollars to euros.", "convert_currency", n) for n in ("20", "150", "75")],
+    *[(f"How much is {n} pounds in yen?", "convert_currency", n) for n in ("40", "12")],
+    *[(f"Remind me to {t}.", "add_reminder", t) for t in ("call the dentist", "buy milk", "water the plants")],
+    *[(f"Add a reminder: {t}.", "add_reminder", t) for t in ("pay rent", "book flights")],
+]
+
+
+def caller_tools(client) -> dict:
+    """Function calling with other people's tools through the API's `tools`, as an app would."""
+    def one(item):
+        request, tool, argument = item
+        completion = client.chat.completions.create(model=client.model_id, tools=CALLER_TOOLS,
+                                                    messages=[{"role": "user", "content": request}])
+        calls = completion.choices[0].message.tool_calls or []
+        named = [c.function.name for c in calls]
+        return {"request": request, "calls": [(c.function.name, c.function.arguments) for c in calls],
+                "right_tool": named == [tool],
+                "right_arguments": named == [tool] and argument.lower() in calls[0].function.arguments.lower(),
+                "finish_reason": completion.choices[0].finish_reason}
+    done = _many(one, CALLER_REQUESTS, "caller's tools")
+    return {"of": len(done), "right_tool": round(sum(r["right_tool"] for r in done) / len(done), 4),
+            "right_arguments": round(sum(r["right_arguments"] for r in done) / len(done), 4), "rows": done}
+
+
 def general(client, questions: list[tuple[str, tuple[str, ...]]]) -> dict:
     from agent.general_questions import correct
 
@@ -256,12 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--styles", nargs="*", default=None, help="default: the four evaluated styles")
     parser.add_argument("--tools", type=int, default=48)
     parser.add_argument("--plans", type=int, default=21)
-    parser.add_argument("--only", action="append", help="seeing, tools, plans, general, capabilities")
+    parser.add_argument("--only", action="append", help="seeing, tools, caller_tools, drawing, plans, general, capabilities")
     args = parser.parse_args(argv)
     from agent.general_questions import HELD_OUT
     from models.training.vqa_phrasings import EVALUATED_STYLES
 
-    parts = set(args.only or ["seeing", "tools", "plans", "general", "capabilities"])
+    parts = set(args.only or ["seeing", "tools", "caller_tools", "drawing", "plans", "general", "capabilities"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"profile": args.profile}
@@ -276,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["general"] = general(client, HELD_OUT)
             if "tools" in parts:
                 results["tools"] = tools(client, args.tools)
+            if "caller_tools" in parts:
+                results["caller_tools"] = caller_tools(client)
+            if "drawing" in parts:
+                results["drawing"] = drawing(client, out.parent / "shape-judge.pt")
             if "seeing" in parts:
                 results["seeing"] = seeing(client, args.seeing, args.styles or list(EVALUATED_STYLES))
     if "plans" in parts:

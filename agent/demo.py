@@ -102,7 +102,8 @@ def run_components(profile_name: str | None, out: str) -> int:
 
 
 TOUR = [
-    # (what the user says, attachment, tools this turn may use, must it call one)
+    # (what the user says, attachment, tools this turn may use (None: all), must it call one)
+    ("Hi! What can you do?", None, None, False),
     ("Transcribe the attached recording.", ("audio", "question.wav"), ["transcribe"], True),
     (None, None, [], False),  # the transcribed question itself, answered from the notes
     ("Say this aloud: {answer}", None, ["speak"], True),
@@ -145,9 +146,9 @@ def run_tour(profile_name: str | None, out: str) -> int:
                     print("   sources: " + ", ".join(result.citations))
                 print("   route:")
                 print("\n".join("   " + line for line in trace_lines(result.trace)))
-            if question is None:
+            if said and said.startswith("Transcribe"):
                 question = _transcript(runtime, result) or "When is the team offsite?"
-            elif answer is None:
+            elif question is not None and answer is None:
                 answer = result.text or "I do not know."
         _shapes_tour(runtime, *shape_image)
     finally:
@@ -177,16 +178,11 @@ def _shapes_tour(runtime, path: str, colour: str, shape: str) -> None:
 
 def _transcript(runtime, result) -> str | None:
     """The text the transcribe tool returned this turn, from the session's tool messages."""
-    import json
-
     from langchain_core.messages import ToolMessage
 
     for message in reversed(runtime.controller.state(result.session)["messages"]):
-        if isinstance(message, ToolMessage) and message.name == "transcribe":
-            try:
-                return json.loads(message.text).get("text", "").strip() or None
-            except ValueError:
-                return None
+        if isinstance(message, ToolMessage) and message.name == "transcribe" and isinstance(message.artifact, dict):
+            return str(message.artifact.get("text", "")).strip() or None
     return None
 
 

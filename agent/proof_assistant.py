@@ -22,8 +22,8 @@ from models.specs import LoraSpec
 SHIPPED_LORA = LoraSpec(r=8, alpha=16)
 ASSISTANT_LORA = LoraSpec(r=24, alpha=48, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"])
-COUNTS = {"seeing": 1800, "tool_sessions": 450, "tool_lines": 300, "drawing": 400, "plans": 240,
-          "capabilities": 200}
+COUNTS = {"seeing": 1000, "tool_sessions": 300, "tool_lines": 150, "drawing": 200, "plans": 120,
+          "capabilities": 120, "general": 250}
 GENERAL = 480  # everyday prompts asked of the untrained backbone; those it finishes are kept
 
 
@@ -55,7 +55,7 @@ def _start(out_dir: Path, general: int, seed: int) -> tuple[Path, list[tuple[str
     return profile, teacher
 
 
-def assistant(out: str, *, it_steps: int = 240, batch_size: int = 16, lr: float = 3e-4, resume: bool = False,
+def assistant(out: str, *, it_steps: int = 140, batch_size: int = 16, lr: float = 3e-4, resume: bool = False,
               install_weights: bool = False, seed: int = 0) -> int:
     from agent.assistant_mix import assistant_mix
     from agent.proof_drawing import _manifests
@@ -77,14 +77,16 @@ def assistant(out: str, *, it_steps: int = 240, batch_size: int = 16, lr: float 
     _, draw_it = _manifests(data, 2400, seed)
     mix = data / "assistant-it.jsonl"
     if not (resume and mix.exists()):
-        lines = assistant_mix(data, schemas=schemas, skills=skills, draw_it=draw_it, teacher=teacher,
-                              counts=COUNTS, seed=seed)
+        lines = assistant_mix(data, schemas=schemas, skills=skills, draw_it=draw_it,
+                              teacher=teacher[: COUNTS["general"]], counts=COUNTS, seed=seed)
         mix.write_text("".join(json.dumps(x) + "\n" for x in lines))
     tuned = train(TrainConfig.from_dict({"profile": str(start_profile), "out_dir": str(out_dir / "it"), "stages": [{
-        "name": "it", "data": [str(mix)], "steps": it_steps, "batch_size": batch_size, "lr": lr,
+        # half batches, accumulated: a batch of 16 controller-format lines does not fit in 24 GB
+        "name": "it", "data": [str(mix)], "steps": it_steps, "batch_size": batch_size // 2, "grad_accumulation": 2,
+        "lr": lr,
         "group_by_length": True, "log_every": 5, "checkpoint_every": 10, "seed": seed + 1}]}),
         resume=resume, overwrite=not resume)
-    report = {"it_data": {**COUNTS, "general": len(teacher)}, "it_steps": it_steps, "batch_size": batch_size,
+    report = {"it_data": {**COUNTS, "general": min(len(teacher), COUNTS["general"])}, "it_steps": it_steps, "batch_size": batch_size,
               "lr": lr, "adapter": ASSISTANT_LORA.model_dump(), "started_from": "models/trained/joint",
               "trained_minutes": round((time.perf_counter() - started) / 60, 1), "device": _device(),
               "trainable": {"it": tuned.stages["it"].counts}, "profile": str(tuned.profile)}

@@ -241,7 +241,7 @@ def _make_transcribe(context: ToolContext) -> StructuredTool:
                 "seconds": round(transcript.duration, 2)}
 
     return _tool(context, transcribe, TranscribeArgs,
-                 "Write down the words spoken in an audio clip. Returns the transcript text.")
+                 "Write down the words spoken in a recording.")
 
 
 def _make_speak(context: ToolContext) -> StructuredTool:
@@ -261,7 +261,7 @@ def _make_speak(context: ToolContext) -> StructuredTool:
         _export(context, record)
         return {"audio": record.id, "text": text, "seconds": round(len(samples) / rate, 2)}
 
-    return _tool(context, speak, SpeakArgs, "Say a text aloud. Returns the id of the new spoken audio.")
+    return _tool(context, speak, SpeakArgs, "Read a text aloud; makes a new audio.")
 
 
 def _make_describe_image(context: ToolContext) -> StructuredTool:
@@ -286,7 +286,7 @@ def _make_describe_image(context: ToolContext) -> StructuredTool:
         return {"image": record.id, "labels": [{"label": label, "score": round(score, 4)} for label, score in labels]}
 
     return _tool(context, describe_image, DescribeImageArgs,
-                 "Name what an image shows: the most likely ImageNet labels with their probabilities.")
+                 "Name what a photo shows (ImageNet labels).")
 
 
 def _make_generate_image(context: ToolContext) -> StructuredTool:
@@ -309,7 +309,7 @@ def _make_generate_image(context: ToolContext) -> StructuredTool:
         return {"image": record.id, "prompt": prompt}
 
     return _tool(context, generate_image, GenerateImageArgs,
-                 "Draw a new image from a text prompt. Returns the id of the new image.")
+                 "Draw a new image from a description.")
 
 
 def _make_generate_audio(context: ToolContext) -> StructuredTool:
@@ -331,7 +331,7 @@ def _make_generate_audio(context: ToolContext) -> StructuredTool:
         return {"audio": record.id, "prompt": prompt, "seconds": round(len(samples) / rate, 2)}
 
     return _tool(context, generate_audio, GenerateAudioArgs,
-                 "Make a sound or music clip from a text prompt. Returns the id of the new audio.")
+                 "Make a sound from a description.")
 
 
 def _make_search_knowledge(context: ToolContext) -> StructuredTool:
@@ -354,7 +354,7 @@ def _make_search_knowledge(context: ToolContext) -> StructuredTool:
         return {"query": query, "passages": passages}
 
     return _tool(context, search_knowledge, SearchKnowledgeArgs,
-                 "Look up passages in the knowledge base. Returns the passages with their sources.")
+                 "Search the knowledge base (the user's notes).")
 
 
 def _with_summary(func: Callable[..., dict]) -> Callable[..., tuple[str, dict]]:
