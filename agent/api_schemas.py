@@ -2,7 +2,8 @@
 
 Requests are validated here; responses are plain dicts built by `agent.server`. Fields OpenAI
 defines that change nothing here (temperature, top_p, ...) are accepted and ignored: decoding is
-greedy. Unknown fields are ignored too, so newer clients keep working.
+greedy. Those that ask for what this server cannot do (`n` > 1, logprobs, audio output, ...) are
+refused with 400 naming the parameter. Unknown fields are ignored, so newer clients keep working.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ class NamedToolChoice(_Wire):
     function: NamedFunction
 
 
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(_Wire):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -139,15 +144,51 @@ class ChatCompletionRequest(_Wire):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    n: Literal[1] = 1  # one greedy answer; more would all be the same
+    stream_options: StreamOptions | None = None
+    n: int = 1  # only 1: one greedy answer (see UNSUPPORTED)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
+
+
+# OpenAI parameters this server cannot honour, with the values that ask for nothing: a request that
+# asks for more is refused with 400 naming the parameter, rather than answered as if it had not.
+# (Parameters that only shape sampling, such as temperature or seed, change nothing for greedy
+# decoding and are accepted; fields OpenAI does not define are ignored, for newer clients.)
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "n": (1, "this server gives one greedy answer per request"),
+    "logprobs": (False, "log probabilities are not returned"),
+    "top_logprobs": (None, "log probabilities are not returned"),
+    "logit_bias": ({}, "logit_bias is not applied by this server"),
+    "audio": (None, "audio output is given as links to generated media, not inline"),
+    "modalities": (["text"], "replies are text; generated media come as links"),
+    "prediction": (None, "predicted outputs are not supported"),
+    "functions": (None, "use `tools`; the legacy `functions` is not supported"),
+    "function_call": (None, "use `tool_choice`; the legacy `function_call` is not supported"),
+}
+
+
+def unsupported(data: dict) -> ApiError | None:
+    """The 400 for the first parameter that asks for what this server cannot do, if any."""
+    for name, (harmless, why) in UNSUPPORTED.items():
+        value = data.get(name)
+        if value is None or value == harmless or (harmless is None and value in ({}, [])):
+            continue
+        return ApiError(400, f"{name}={value!r} is not supported: {why}", param=name, code="unsupported_parameter")
+    response_format = data.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+        return ApiError(400, f"response_format {response_format.get('type')!r} is not supported: replies are "
+                             "free text (give `tools` for structured output)", param="response_format",
+                        code="unsupported_parameter")
+    return None
 
 
 def parse_request(data: Any) -> ChatCompletionRequest:
     """A validated request, or ApiError: 400 when the body is not an object, 422 for bad fields."""
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    refused = unsupported(data)
+    if refused is not None:
+        raise refused
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:

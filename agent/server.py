@@ -139,6 +139,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
     limits = runtime.profile.limits
     body_limit = max_request_bytes or limits.max_bytes * 4 // 3 + 2**20
     model_id = f"signalgraph-{runtime.profile.name}"
+    fingerprint = _fingerprint(runtime.profile)
     created = int(time.time())
     queue = TurnQueue(queue_size, max_concurrency)
     _give_freed_memory_back()
@@ -229,7 +230,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
         # parsing and decoding media take a while for large bodies: off the event loop
         req = await run_in_threadpool(_parse, body)
         _check_model(req.model, model_id)
-        completion = _Completion(model_id)
+        completion = _Completion(model_id, fingerprint)
         if req.tools and req.tool_choice != "none":
             job = await run_in_threadpool(_caller_tools_job, runtime, req, model_id)
             headers, key = {}, None
@@ -242,7 +243,8 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
             future = queue.submit(lambda: job(None), key)
             reply = await asyncio.wrap_future(future)
             return JSONResponse(completion.full(reply), headers=headers)
-        return _stream(queue, job, completion, headers, key)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _stream(queue, job, completion, headers, key, include_usage)
 
     return app
 
@@ -274,6 +276,15 @@ def _parse(body: bytes) -> ChatCompletionRequest:
     except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     return parse_request(data)
+
+
+def _fingerprint(profile) -> str:
+    """What answers depend on: the profile and its trained weights (OpenAI's system_fingerprint)."""
+    digest = hashlib.sha256(profile.model_dump_json().encode())
+    weights = Path(profile.projector_weights) if profile.projector_weights else None
+    if weights is not None and weights.is_file():
+        digest.update(weights.read_bytes())
+    return f"fp_{digest.hexdigest()[:12]}"
 
 
 def _check_model(name: str, model_id: str) -> None:
@@ -310,7 +321,8 @@ def _prepare_turn(runtime: Runtime, req: ChatCompletionRequest, session: str, up
     if not last.text().strip() and not attachments:
         raise ApiError(422, "the user's message is empty", param=f"messages[{index}].content", code="invalid_value")
     return {"text": last.text(), "attachments": attachments, "history": req.messages[:-1],
-            "tools": [] if req.tool_choice == "none" else None, "require_tool": req.tool_choice == "required"}
+            "tools": [] if req.tool_choice == "none" else None, "require_tool": req.tool_choice == "required",
+            "max_tokens": req.max_completion_tokens or req.max_tokens}
 
 
 def _upload(runtime: Runtime, session: str, part: ImagePart | AudioPart, param: str, uploads: Path) -> dict:
@@ -369,7 +381,8 @@ def _controller_job(runtime: Runtime, session: str, prepared: dict, media_item: 
 
         result = controller.turn(session, prepared["text"], prepared["attachments"],
                                  on_text=None if on_text is None else stream,
-                                 tools=prepared["tools"], require_tool=prepared["require_tool"])
+                                 tools=prepared["tools"], require_tool=prepared["require_tool"],
+                                 max_new_tokens=prepared["max_tokens"])
         # the reply may not have been streamed (the controller's own words when the model said
         # nothing, or a generator's failure note): send it at the end
         said = "".join(streamed)
@@ -379,8 +392,10 @@ def _controller_job(runtime: Runtime, session: str, prepared: dict, media_item: 
         links = [f"![{m['id']}]({m['url']})" if m["kind"] == "image" else f"[{m['id']}]({m['url']})" for m in media]
         extension = {"session": session, "media": media, "citations": result.citations, "notices": result.notices,
                      "trace": json.loads(json.dumps(result.trace, default=str))}
+        usage = {"prompt_tokens": result.usage["prompt_tokens"], "completion_tokens": result.usage["completion_tokens"],
+                 "total_tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"]}
         return {"text": result.text, "unstreamed": unstreamed, "links": links, "media": media, "tool_calls": [],
-                "finish_reason": "stop", "usage": None, "signalgraph": extension}
+                "finish_reason": result.finish_reason, "usage": usage, "signalgraph": extension}
 
     return job
 
@@ -429,7 +444,7 @@ def _caller_tools_job(runtime: Runtime, req: ChatCompletionRequest, model_id: st
                 "finish_reason": "tool_calls" if calls else ("length" if cut else "stop"),
                 "usage": {"prompt_tokens": usage.get("input_tokens", 0),
                           "completion_tokens": usage.get("output_tokens", 0),
-                          "total_tokens": usage.get("total_tokens", 0)} if usage else None,
+                          "total_tokens": usage.get("total_tokens", 0)},
                 "signalgraph": None}
 
     return job
@@ -485,14 +500,15 @@ def _arguments(text: str, param: str) -> dict:
 class _Completion:
     """Builds one completion's JSON, whole or as chunks; every chunk shares id and time."""
 
-    def __init__(self, model_id: str):
+    def __init__(self, model_id: str, fingerprint: str):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model_id
+        self.fingerprint = fingerprint
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+                "system_fingerprint": self.fingerprint}
 
     @staticmethod
     def content(reply: dict) -> str | None:
@@ -500,7 +516,7 @@ class _Completion:
         return text or None
 
     def full(self, reply: dict) -> dict:
-        message: dict = {"role": "assistant", "content": self.content(reply), "refusal": None}
+        message: dict = {"role": "assistant", "content": self.content(reply), "refusal": None, "annotations": []}
         if reply["tool_calls"]:
             message["tool_calls"] = reply["tool_calls"]
         if reply["media"]:
@@ -513,25 +529,31 @@ class _Completion:
             body["signalgraph"] = reply["signalgraph"]
         return body
 
-    def chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> str:
+    def chunk(self, delta: dict | None, finish_reason: str | None = None, **extra) -> str:
+        """One SSE chunk; `delta=None` is the usage chunk, which has no choices."""
         body = self._head("chat.completion.chunk")
-        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
-        body.update({k: v for k, v in extra.items() if v is not None})
+        body["choices"] = [] if delta is None else \
+            [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        body.update({k: v for k, v in extra.items() if v is not None or k == "usage"})
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 def _stream(queue: TurnQueue, job: Callable, completion: _Completion, headers: dict,
-            key: str | None) -> StreamingResponse:
-    """SSE: the text as the backbone writes it, then links, tool calls, and the last chunk."""
+            key: str | None, include_usage: bool = False) -> StreamingResponse:
+    """SSE: the text as the backbone writes it, then links, tool calls, and the last chunk; with
+    `include_usage` (OpenAI's stream_options) every chunk has `usage: null` and a last chunk
+    without choices carries the turn's usage."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
     future = queue.submit(lambda: job(lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)), key)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, None))
 
+    usage = {"usage": None} if include_usage else {}
+
     async def events():
-        yield completion.chunk({"role": "assistant", "content": ""})
+        yield completion.chunk({"role": "assistant", "content": ""}, **usage)
         while (text := await deltas.get()) is not None:
-            yield completion.chunk({"content": text})
+            yield completion.chunk({"content": text}, **usage)
         try:
             reply = future.result()
         except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
@@ -539,14 +561,17 @@ def _stream(queue: TurnQueue, job: Callable, completion: _Completion, headers: d
             yield f"data: {json.dumps(error_body(status, message))}\n\n"
             return
         if reply["unstreamed"]:
-            yield completion.chunk({"content": reply["unstreamed"]})
+            yield completion.chunk({"content": reply["unstreamed"]}, **usage)
         if reply["links"]:
-            yield completion.chunk({"content": ("\n\n" if reply["text"] else "") + "\n\n".join(reply["links"])})
+            yield completion.chunk({"content": ("\n\n" if reply["text"] else "") + "\n\n".join(reply["links"])},
+                                   **usage)
         for index, call in enumerate(reply["tool_calls"]):
-            yield completion.chunk({"tool_calls": [dict(call, index=index)]})
+            yield completion.chunk({"tool_calls": [dict(call, index=index)]}, **usage)
         if reply["media"]:
-            yield completion.chunk({"media": reply["media"]})
-        yield completion.chunk({}, reply["finish_reason"], usage=reply["usage"], signalgraph=reply["signalgraph"])
+            yield completion.chunk({"media": reply["media"]}, **usage)
+        yield completion.chunk({}, reply["finish_reason"], signalgraph=reply["signalgraph"], **usage)
+        if include_usage:
+            yield completion.chunk(None, usage=reply["usage"])
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

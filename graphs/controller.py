@@ -15,7 +15,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +39,8 @@ class TurnResult:
     trace: list[dict]  # this turn's routing decisions and tool calls
     citations: list[str]  # sources of the passages retrieval gave the backbone, e.g. "notes.md#2"
     notices: list[str]  # what the user must be told besides the reply (e.g. a refused attachment)
+    usage: dict = field(default_factory=dict)  # tokens the backbone read and wrote, all think rounds summed
+    finish_reason: str = "stop"  # "length" when the reply stopped at the token limit
 
 
 def _entry(step: str, **details) -> dict:
@@ -122,7 +124,8 @@ class Controller:
         result = self.thinker.think(self._window(state["messages"]), tools=tool_schemas(tools),
                                     passages=state.get("passages", []),
                                     media=media, on_text=ProseGate(lambda text: writer({"text": text})),
-                                    require_tool=bool(state.get("require_tool")) and state.get("steps", 0) == 0)
+                                    require_tool=bool(state.get("require_tool")) and state.get("steps", 0) == 0,
+                                    max_new_tokens=state.get("max_new_tokens"))
         step = state.get("steps", 0) + 1
         text = result.text
         if result.malformed and not result.tool_calls:
@@ -141,7 +144,9 @@ class Controller:
         trace = [_entry("think", round=step, wrote=result.raw[:500],
                         tool_calls=[c["name"] for c in result.tool_calls],
                         spans=[s["modality"] for s in result.spans], malformed=result.malformed)]
-        return {"messages": [message], "pending": pending, "spans": result.spans, "steps": step, "trace": trace}
+        return {"messages": [message], "pending": pending, "spans": result.spans, "steps": step, "trace": trace,
+                "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+                "truncated": result.truncated and not calls}
 
     @staticmethod
     def _calls_this_turn(messages: list) -> set:
@@ -271,13 +276,14 @@ class Controller:
 
     def turn(self, session: str, text: str, attachments: list[dict] = (),
              on_text: Callable[[str], None] | None = None, *, tools: list[str] | None = None,
-             require_tool: bool = False) -> TurnResult:
+             require_tool: bool = False, max_new_tokens: int | None = None) -> TurnResult:
         """Run one turn. `tools` narrows this turn to some of the session's tools; `require_tool`
-        makes its first step a tool call (scripted steps that must use a tool)."""
+        makes its first step a tool call (scripted steps that must use a tool); `max_new_tokens`
+        bounds each think round (the API's max_tokens)."""
         config = {"configurable": {"thread_id": session}}
         start = {"messages": [HumanMessage(content=text)], "attachments": list(attachments), "media": [],
-                 "passages": [], "pending": [], "spans": [], "results": None, "outputs": None, "steps": 0,
-                 "turn_tools": tools, "require_tool": require_tool, "notices": []}
+                 "passages": [], "pending": [], "spans": [], "results": None, "outputs": None, "usage": None, "truncated": False, "steps": 0,
+                 "turn_tools": tools, "require_tool": require_tool, "notices": [], "max_new_tokens": max_new_tokens}
         # One checkpoint per finished turn ("exit"): a session resumes from its last completed turn,
         # and a turn does not pay for a database write at every step.
         if on_text is None:
@@ -296,8 +302,9 @@ class Controller:
         trace = final.get("trace", [])
         first = max(i for i, e in enumerate(trace) if e["step"] == "ingest")  # every turn starts with ingest
         citations = [f"{p['source']}#{p['position']}" for p in final.get("passages", [])]
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, **final.get("usage", {})}
         return TurnResult(session, reply.text if reply else "", media, trace[first:], citations,
-                          final.get("notices", []))
+                          final.get("notices", []), usage, "length" if final.get("truncated") else "stop")
 
     def state(self, session: str) -> dict:
         return self.graph.get_state({"configurable": {"thread_id": session}}).values

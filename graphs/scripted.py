@@ -13,7 +13,7 @@ class ScriptedThinker:
         self.cache = ConditioningCache()
         self.seen: list[dict] = []
 
-    def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False):
+    def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False, max_new_tokens=None):
         self.seen.append({"messages": list(messages), "tools": [t["name"] for t in tools], "media": media,
                           "passages": passages, "require_tool": require_tool})
         result = self.script.pop(0)

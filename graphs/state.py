@@ -19,6 +19,13 @@ def append_or_clear(old: list | None, new: list | None) -> list:
     return [] if new is None else [*(old or []), *new]
 
 
+def add_usage(old: dict | None, new: dict | None) -> dict:
+    """Token counts summed over a turn's think rounds; a turn starts by writing None."""
+    if new is None:
+        return {}
+    return {key: (old or {}).get(key, 0) + value for key, value in new.items()}
+
+
 class TurnState(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]  # the whole session's conversation
     attachments: list[dict]  # this turn's inputs as given: {"kind": "image", "path": "..."}
@@ -32,4 +39,7 @@ class TurnState(TypedDict, total=False):
     steps: int  # think calls this turn
     turn_tools: list[str] | None  # this turn may use only these of the session's tools (None: all)
     require_tool: bool  # the first think of this turn must call a tool
+    max_new_tokens: int | None  # each think round's token budget this turn (None: the thinker's own)
     trace: Annotated[list[dict], operator.add]  # every routing decision and tool call, in order
+    usage: Annotated[dict, add_usage]  # {"prompt_tokens", "completion_tokens"} of this turn's think rounds
+    truncated: bool  # the last think round stopped at the token limit

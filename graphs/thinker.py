@@ -36,12 +36,15 @@ class ThinkResult:
     spans: list[dict] = field(default_factory=list)
     malformed: list[str] = field(default_factory=list)  # errors of tool calls that could not be repaired
     raw: str = ""  # what the backbone wrote, markers included
+    prompt_tokens: int = 0  # what this round cost the backbone, as counted by the backbone
+    completion_tokens: int = 0
+    truncated: bool = False  # it stopped at the token limit
 
 
 class Thinker(Protocol):
     def think(self, messages: list[AnyMessage], *, tools: list[dict], passages: list[dict],
               media: list[dict], on_text: Callable[[str], None] | None = None,
-              require_tool: bool = False) -> ThinkResult: ...
+              require_tool: bool = False, max_new_tokens: int | None = None) -> ThinkResult: ...
 
 
 class ConditioningCache:
@@ -113,7 +116,8 @@ class BackboneThinker:
             readable.setdefault(kind, []).append(loaders[kind](item["path"]))
         return readable
 
-    def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False) -> ThinkResult:
+    def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False,
+              max_new_tokens=None) -> ThinkResult:
         from graphs.chat_model import TokenStreamer, to_chat
         from graphs.signal_parser import SignalParser, TextDelta, parse_message
         from models.constrained_decoding import ToolCallConstraint
@@ -143,13 +147,15 @@ class BackboneThinker:
         streamer = _Both(streamer, repeat) if streamer else repeat
         readable = self._readable(media)
         generation = self.mm.generate(chat, images=readable.get("image"), audios=readable.get("audio"),
-                                      max_new_tokens=self.max_new_tokens, logits_processors=processors,
+                                      max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                      logits_processors=processors,
                                       streamer=streamer, stopping_criteria=[repeat])
         parsed = parse_message(_drop_cut_call(generation.text))
         calls = [{"id": c.id, "name": c.name, "args": c.arguments} for c in parsed.tool_calls]
         spans = [{"modality": s.modality, "key": self.cache.put(s.conditioning) if s.conditioning else None,
                   "error": s.error} for s in generation.spans]
-        return ThinkResult(parsed.text.strip(), calls, spans, [m.error for m in parsed.malformed], generation.text)
+        return ThinkResult(parsed.text.strip(), calls, spans, [m.error for m in parsed.malformed], generation.text,
+                           generation.prompt_tokens, generation.generated_tokens, generation.truncated)
 
     def skills(self) -> list[str]:
         """The model's own trained skills, in words (graphs/capabilities.py)."""

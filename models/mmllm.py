@@ -59,6 +59,9 @@ class Generation:
     text: str  # what the backbone wrote, signal tokens included as [IMG0]..
     token_ids: list[int]
     spans: list[SignalSpan]
+    prompt_tokens: int = 0  # positions the backbone read: text tokens and spliced media features
+    generated_tokens: int = 0  # tokens it wrote, its end-of-turn token included
+    truncated: bool = False  # it stopped at the token limit, not by ending its turn
 
 
 class MMLLM(nn.Module):
@@ -382,10 +385,13 @@ class MMLLM(nn.Module):
         futures = decoder.submit_all(submitted)
         stop = decoder.stop_ids
         out = []
-        for row, future in zip(rows, futures, strict=True):
+        for row, request, future in zip(rows, submitted, futures, strict=True):
             new_ids = future.result()
             end = next((i for i, t in enumerate(new_ids) if t in stop), len(new_ids))  # the answer ends before it
-            out.append(self._with_spans(self.backbone.collate([row], padding_side="left"), new_ids[:end]))
+            generation = self._with_spans(self.backbone.collate([row], padding_side="left"), new_ids[:end])
+            generation.prompt_tokens, generation.generated_tokens = row[0].shape[-2], len(new_ids)
+            generation.truncated = end == len(new_ids) and len(new_ids) >= request.max_new_tokens
+            out.append(generation)
         return out
 
     def _with_spans(self, inputs, new_ids: list[int]) -> Generation:
