@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args)
     except SignalgraphError as exc:
+        if getattr(args, "json", False):  # a script reading --json output gets the error there too
+            import json
+
+            print(json.dumps({"error": {"message": str(exc), "type": type(exc).__name__}}))
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

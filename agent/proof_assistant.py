@@ -81,8 +81,8 @@ def assistant(out: str, *, it_steps: int = 140, batch_size: int = 16, lr: float 
                               teacher=teacher[: COUNTS["general"]], counts=COUNTS, seed=seed)
         mix.write_text("".join(json.dumps(x) + "\n" for x in lines))
     tuned = train(TrainConfig.from_dict({"profile": str(start_profile), "out_dir": str(out_dir / "it"), "stages": [{
-        # half batches, accumulated: a batch of 16 controller-format lines does not fit in 24 GB
-        "name": "it", "data": [str(mix)], "steps": it_steps, "batch_size": batch_size // 2, "grad_accumulation": 2,
+        # quarter batches, accumulated: 16 controller-format lines at once need more than 24 GB on a CPU
+        "name": "it", "data": [str(mix)], "steps": it_steps, "batch_size": batch_size // 4, "grad_accumulation": 4,
         "lr": lr,
         "group_by_length": True, "log_every": 5, "checkpoint_every": 10, "seed": seed + 1}]}),
         resume=resume, overwrite=not resume)

@@ -7,6 +7,7 @@ import time
 
 from agent.config import load_config
 from agent.runtime import Runtime, trace_lines
+from models.errors import SignalgraphError
 
 ATTACH = {"/image": "image", "/audio": "audio", "/video": "video"}
 
@@ -50,8 +51,12 @@ def chat(args) -> int:
             if command == "/quit":
                 break
             if command in ATTACH:
-                pending.append({"kind": ATTACH[command], "path": rest.strip()})
-                print(f"  (will attach {rest.strip()} to your next message)")
+                try:
+                    pending.append(_attach(runtime, session, ATTACH[command], rest.strip()))
+                except SignalgraphError as exc:  # said now, and nothing is sent with the next message
+                    print(f"  ! not attached: {exc}")
+                    continue
+                print(f"  (will attach {rest.strip()} to your next message as {pending[-1]['media_id']})")
                 continue
             print("assistant> ", end="", flush=True)
             result = runtime.controller.turn(session, line, pending,
@@ -64,13 +69,20 @@ def chat(args) -> int:
     return 0
 
 
+def _attach(runtime: Runtime, session: str, kind: str, path: str) -> dict:
+    """The user's own file, read wherever they can read it and validated now: a file that cannot be
+    attached raises (the CLI exits 2 with the reason) before any turn runs."""
+    record = runtime.store.add_file(session, path, kind, confine=False)
+    return {"media_id": record.id}
+
+
 def ask(args) -> int:
     runtime = _runtime(args)
     session = args.session or f"ask-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}"
-    attachments = [{"kind": kind, "path": path} for kind in ("image", "audio", "video")
-                   for path in getattr(args, kind) or []]
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     try:
+        attachments = [_attach(runtime, session, kind, path) for kind in ("image", "audio", "video")
+                       for path in getattr(args, kind) or []]
         result = runtime.controller.turn(session, args.question, attachments, on_text=stream)
     finally:
         runtime.close()

@@ -83,9 +83,12 @@ class Controller:
         media, notes = [], []
         for item in state.get("attachments", []):
             try:
-                record = self.store.add_file(session, item["path"], item.get("kind"))
+                if "media_id" in item:  # stored already (the CLI validates the user's own files first)
+                    record = self.store.get(session, item["media_id"])
+                else:
+                    record = self.store.add_file(session, item["path"], item.get("kind"))
             except SignalgraphError as exc:
-                notes.append(f"{item['path']}: {exc}")
+                notes.append(f"{item.get('path', item.get('media_id'))}: {exc}")
                 continue
             media.append(record.id)
         human = state["messages"][-1]

@@ -1,5 +1,7 @@
 """The command line as a user meets it: real subprocesses, no tracebacks for user errors."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -66,3 +68,39 @@ def test_kb_add_and_search_through_the_cli(tmp_path):
     found = run("--config", str(config), "kb", "search", "where is the spring trip?", "-k", "2")
     assert found.returncode == 0 and found.stdout.startswith("1. [")
     assert "team-offsite.md#0" in found.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.png", "does not exist"),
+    (lambda d: (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really") and d / "broken.png", "broken.png"),
+    (lambda d: (d / "cut.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt ") and d / "cut.wav", "cut.wav"),
+])
+def test_ask_with_an_attachment_it_cannot_read_runs_no_turn_and_exits_2(tmp_path, make, message):
+    path = make(tmp_path)
+    kind = "--audio" if str(path).endswith(".wav") else "--image"
+    env_home = {"SIGNALGRAPH_HOME": str(tmp_path / "home")}
+    command = [sys.executable, "-m", "agent.cli", "--profile", "tiny", "ask", "What is this?", kind, str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                                       **env_home})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    assert result.stdout.strip() == ""  # no answer about an image the model never saw
+    as_json = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, **env_home})
+    assert as_json.returncode == 2 and message in json.loads(as_json.stdout)["error"]["message"]
+
+
+def test_a_file_the_user_types_is_read_from_any_folder(tmp_path):
+    from PIL import Image
+
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    Image.new("RGB", (16, 16), "red").save(elsewhere / "red.png")
+    result = subprocess.run([sys.executable, "-m", "agent.cli", "--profile", "tiny", "ask", "What is this?",
+                             "--image", str(elsewhere / "red.png"), "--json", "--trace"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SIGNALGRAPH_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    trace = json.loads(result.stdout)["trace"]
+    assert next(e for e in trace if e["step"] == "ingest")["media"] == ["image-1"]

@@ -202,14 +202,19 @@ class MediaStore:
             )
         return next((c for c in inside if c.exists()), inside[0])
 
-    def add_file(self, session: str, path: str | Path, kind: MediaKind | None = None) -> MediaRecord:
+    def add_file(self, session: str, path: str | Path, kind: MediaKind | None = None, *,
+                 confine: bool = True) -> MediaRecord:
         """Validate a user's file (allowed folder, decodes within the limits) and store it.
+
+        `confine=False` is for a path the person at the keyboard typed (the CLI): their own file,
+        read wherever they can read it. Paths from anywhere else (model output, the API, workflow
+        files) stay confined to `allowed_dirs`.
 
         Raises `PathNotAllowedError`, or the `models.media` error (`MediaError`,
         `CorruptMediaError`, `MediaTooLargeError`) that decoding it raised.
         """
         _check_session(session)
-        real = self.resolve_user_path(path)
+        real = self.resolve_user_path(path) if confine else Path(path).expanduser().resolve()
         suffix = real.suffix.lower() if _SUFFIX.match(real.suffix.lower()) else ""
         kind = _kind(kind, suffix, f"{str(path)!r}")
         before = real.stat() if real.is_file() else None
