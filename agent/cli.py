@@ -6,8 +6,16 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line and exit 2, like every other user error here."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="signalgraph",
         description="A multimodal LLM agent: a LangGraph controller over an MM-LLM backbone whose signal "
                     "tokens go to expert tools or to its own output projectors and generators.",

@@ -55,7 +55,7 @@ def _start(out_dir: Path, general: int, seed: int) -> tuple[Path, list[tuple[str
     return profile, teacher
 
 
-def assistant(out: str, *, it_steps: int = 140, batch_size: int = 16, lr: float = 3e-4, resume: bool = False,
+def assistant(out: str, *, it_steps: int = 90, batch_size: int = 16, lr: float = 3e-4, resume: bool = False,
               install_weights: bool = False, seed: int = 0) -> int:
     from agent.assistant_mix import assistant_mix
     from agent.proof_drawing import _manifests

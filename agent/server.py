@@ -385,9 +385,13 @@ def _controller_job(runtime: Runtime, session: str, prepared: dict, media_item: 
                                  max_new_tokens=prepared["max_tokens"])
         # the reply may not have been streamed (the controller's own words when the model said
         # nothing, or a generator's failure note): send it at the end
-        said = "".join(streamed)
-        unstreamed = "" if on_text is None or result.text.strip() in said else \
-            ("\n\n" if said.strip() else "") + result.text
+        said = "".join(streamed).strip()
+        if on_text is None or result.text.strip() in said:
+            unstreamed = ""
+        elif said and result.text.startswith(said):  # the model's words, completed by the response stage
+            unstreamed = result.text[len(said):]
+        else:
+            unstreamed = ("\n\n" if said else "") + result.text
         media = [media_item(m["id"]) for m in result.media]
         links = [f"![{m['id']}]({m['url']})" if m["kind"] == "image" else f"[{m['id']}]({m['url']})" for m in media]
         extension = {"session": session, "media": media, "citations": result.citations, "notices": result.notices,

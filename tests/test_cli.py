@@ -104,3 +104,33 @@ def test_a_file_the_user_types_is_read_from_any_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     trace = json.loads(result.stdout)["trace"]
     assert next(e for e in trace if e["step"] == "ingest")["media"] == ["image-1"]
+
+
+SUBCOMMANDS = ["chat", "ask", "plan", "kb add", "kb search", "sessions", "sessions delete", "train", "eval",
+               "proof", "bench", "embodied", "models", "models prepare", "run", "runs", "demo", "serve"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_says_a_wrong_argument_in_one_line(command):
+    result = run(*command.split(), "--no-such-option")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and line.endswith("--help`)")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("serve", "--port", "0"), "--port"),
+    (("bench", "--turns", "lots"), "--turns"),
+    (("proof", "everything"), "invalid choice"),
+    (("run", "/no/such/flow.yaml"), "flow.yaml"),
+    (("runs", "no-such-run"), "no-such-run"),
+    (("--profile", "tiny", "sessions", "delete", "nobody"), "nobody"),
+    (("--profile", "tiny", "plan", "draw a cat", "--image", "/no/such.png"), "/no/such.png"),
+])
+def test_bad_values_are_one_line_and_exit_2(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SIGNALGRAPH_HOME": str(tmp_path)}, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    # (building the tiny test models on first use may draw a progress bar before it)
+    (line,) = [x for x in result.stderr.strip().splitlines() if "error" in x.lower()]
+    assert line.startswith("error: ") and message in line

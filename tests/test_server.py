@@ -275,6 +275,17 @@ def test_a_generated_image_streams_as_a_link_and_a_media_list(scripted):
     assert httpx.get(item["url"]).status_code == 200
 
 
+def test_a_streamed_reply_completed_by_the_response_stage_is_sent_once(scripted):
+    url, thinker = scripted
+    thinker.script += [ThinkResult("", [call("describe_image", image="image-9")]), ThinkResult("Let me see.")]
+    chunks = list(client(url).chat.completions.create(model=MODEL, stream=True, user="completed",
+                                                      messages=[{"role": "user", "content": "What is image-9?"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text.startswith("Let me see. I could not run describe image: ") and text.count("Let me see.") == 1
+    turns = httpx.get(f"{url}/v1/sessions/completed").json()["turns"]
+    assert turns[-1]["assistant"] == text
+
+
 def test_malformed_bodies_are_400(scripted):
     url, _ = scripted
     for body in ("{not json", "[1, 2]"):
