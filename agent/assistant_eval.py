@@ -139,13 +139,12 @@ def seeing(client, count: int, styles: list[str], seed: int = 0) -> dict:
 def _held_out_tool_items(count: int) -> list[dict]:
     """Held-out tool requests, their media ids mapped onto the attached ones (audio-1, image-1)
     and their topics onto the example notes."""
-    from agent.tool_requests import requests
-    from models.training.shape_judge import COLORS, SHAPES
+    from agent.tool_requests import own_drawing, requests
 
     items = []
     for item in requests(count * 3, split="heldout", seed=7, mix=(70, 30, 0)):
         text = item["request"]
-        if any(f"{c} {s}" in text for c in COLORS for s in SHAPES):  # the model's own drawings: not a tool
+        if own_drawing(text):  # the model's own drawings: not a tool's
             continue
         calls = json.loads(re.sub(r"audio-\d", "audio-1", re.sub(r"image-\d", "image-1", json.dumps(item["calls"]))))
         text = re.sub(r"audio-\d", "audio-1", re.sub(r"image-\d", "image-1", text))

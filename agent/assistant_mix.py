@@ -20,7 +20,6 @@ import json
 import random
 from pathlib import Path
 
-from agent.general_questions import training_prompts
 from agent.plan_requests import plan_requests
 from agent.proofs import tool_conversation_lines, tool_use_lines
 from graphs.capabilities import SKILL_WORDS, describe
@@ -123,7 +122,7 @@ def assistant_mix(data: Path, *, schemas: list[dict], skills: list[str], draw_it
                   teacher: list[tuple[str, str]], counts: dict[str, int], seed: int = 0) -> list[dict]:
     """The mixed, shuffled manifest lines. `counts` has seeing, tool_sessions, tool_lines, drawing,
     plans, capabilities (general comes from `teacher`)."""
-    from agent.tool_requests import requests
+    from agent.tool_requests import own_drawing, requests
     from models.training.vqa_phrasings import varied_vqa_manifest
 
     rng = random.Random(seed)
@@ -135,21 +134,10 @@ def assistant_mix(data: Path, *, schemas: list[dict], skills: list[str], draw_it
     system = system_prompt(schemas, [], skills)
     wanted = counts["tool_sessions"] * 2 + counts["tool_lines"]
     tool_items = [item for item in requests(wanted * 2, split="train", seed=seed, mix=(50, 35, 15))
-                  if not _own_drawing(item["request"])][:wanted]
+                  if not own_drawing(item["request"])][:wanted]
     sessions = tool_conversation_lines(system, tool_items[: counts["tool_sessions"] * 2], 2, seed=seed)
     singles = tool_use_lines(system, tool_items[counts["tool_sessions"] * 2:])
     lines = (vqa + draw + sessions + singles + plan_lines(schemas, counts["plans"], skills, seed)
              + capability_lines(schemas, counts["capabilities"], rng) + general_lines(teacher, schemas, skills, rng))
     rng.shuffle(lines)
     return lines
-
-
-def _own_drawing(text: str) -> bool:
-    """Colour-shape drawings belong to the model's own generator, not to the generate_image tool."""
-    from models.training.shape_judge import COLORS, SHAPES
-
-    return any(f"{c} {s}" in text for c in COLORS for s in SHAPES)
-
-
-def general_prompts(count: int, seed: int = 0) -> list[str]:
-    return training_prompts(count, seed)

@@ -20,17 +20,12 @@ from pathlib import Path
 
 from agent.proof_drawing import _grid, _manifests, draw_all, drawing_profile, generator_and_judge, pt_stage
 from agent.proofs import choose_rates, seeing_pt_stage, test_sample, tool_use_lines
-from models.training.shape_judge import COLORS, SHAPES
+from agent.tool_requests import own_drawing
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained"
 JOINT_DIR = TRAINED / "joint"  # what `--install` writes; `proof assistant` starts from it
 LOCAL_DIR = TRAINED / "local"  # the `local` profile's weights (`proof assistant --install`)
 ONE_WORD = " Answer with one word."
-
-
-def _shape_things(text: str) -> bool:
-    """Colour-shape drawings belong to the model's own generator, not to the generate_image tool."""
-    return any(f"{c} {s}" in text for c in COLORS for s in SHAPES)
 
 
 def merge_pt(seeing: Path, drawing: Path, out: Path, new_token_ids: list[int], signal_ids: list[int]) -> Path:
@@ -66,7 +61,7 @@ def mixed_lines(vqa: Path, draw_it: Path, schemas: list[dict], counts: dict[str,
     for line in draw_lines[: len(draw_lines) // 4]:
         line["messages"].insert(0, {"role": "system", "content": system_prompt(schemas, [])})
     tools = [item for item in requests(counts["tools"] * 2, split="train", seed=seed)
-             if not _shape_things(item["request"])][: counts["tools"]]
+             if not own_drawing(item["request"])][: counts["tools"]]
     lines = vqa_lines + draw_lines + tool_use_lines(system_prompt(schemas, []), tools)
     rng.shuffle(lines)
     return lines
@@ -146,7 +141,7 @@ def joint(out: str, *, seeing_pt_steps: int = 300, drawing_pt_steps: int = 150, 
     seeing = evaluate(mm, test_sample(data, test_questions, seed), max_new_tokens=4)
     drawn, ok, emitted = draw_all(mm, generator, judge, seeds, seed, cfg.image_size)
     _grid(drawn, out_dir / "grid.png")
-    heldout = [item for item in requests(60, split="heldout") if not _shape_things(item["request"])]
+    heldout = [item for item in requests(60, split="heldout") if not own_drawing(item["request"])]
     choosing = choose_rates(mm, schemas, heldout)
 
     report = {

@@ -105,6 +105,14 @@ NO_TOOL = [  # (question, a short answer): requests that need no tool
 NO_TOOL_HELD_OUT = 3
 
 
+def own_drawing(text: str) -> bool:
+    """Colour-shape drawings ("a red circle") belong to the model's own generator, not to the
+    generate_image tool: tool data and tool scores leave them out."""
+    from models.training.shape_judge import COLORS, SHAPES
+
+    return any(f"{c} {s}" in text for c in COLORS for s in SHAPES)
+
+
 def _one(rng: random.Random, name: str, split: str) -> tuple[str, dict]:
     templates = TEMPLATES[name][:-HELD_OUT] if split == "train" else TEMPLATES[name][-HELD_OUT:]
     fills = {key: rng.choice(values) for key, values in FILLS.items()}

@@ -113,7 +113,7 @@ def test_describe_image_names_the_cat(context, store):
     assert len(labels) == 3 and any("cat" in label or "tabby" in label for label in labels), result
     assert all(0.0 <= entry["score"] <= 1.0 for entry in result["labels"])
     top = result["labels"][0]
-    assert summary("describe_image", result).startswith(f"image-1 looks like a") and top["label"] in summary(
+    assert summary("describe_image", result).startswith("image-1 looks like a") and top["label"] in summary(
         "describe_image", result) and f"({round(100 * top['score'])}%)" in summary("describe_image", result)
 
 
