@@ -9,6 +9,7 @@ what it learns to reply to is what the tools really say.
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 
@@ -57,8 +58,8 @@ def _search_knowledge(result: dict) -> str:
     if not passages:
         return f'I found nothing in the knowledge base about "{result["query"]}".'
     best = passages[0]
-    where = f" [{best['source']}#{best['position']}]" if best.get("source") else ""
-    return f'Your notes say: "{str(best["text"]).strip()}"{where}'
+    where = f" [{PurePath(str(best['source'])).name}#{best['position']}]" if best.get("source") else ""
+    return f'Your notes say: "{" ".join(str(best["text"]).split())}"{where}'
 
 
 SUMMARIES = {
