@@ -27,7 +27,7 @@ def plan(args) -> int:
         media = []
         for kind in ("image", "audio"):
             for path in getattr(args, kind) or []:
-                record = runtime.store.add_file(session, path, kind)
+                record = runtime.store.add_file(session, path, kind, confine=False)  # the user's own file
                 media.append({"id": record.id, "kind": record.kind, "path": str(record.path)})
         tools = runtime.tools(session)
         # the turn's token budget fits a reply; a plan gets its own
