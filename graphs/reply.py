@@ -2,9 +2,9 @@
 
 HuggingGPT's fourth stage: after the tools ran, the backbone writes the reply from their results.
 A small backbone does not always manage, so the controller checks what it wrote: a reply that is
-empty, or is markup (JSON, a tool call, the controller's own prompt) is replaced, and a reply that
-leaves out what a tool found (the transcript, the label, the passage) gets the tool's own sentence
-for people added. The raw results stay in the trace.
+empty, or is markup (JSON, a tool call, the controller's own prompt), or leaves out what a tool
+found or made (the transcript, the label, the passage, the new file's id) is replaced by the tools'
+own sentences for people; a failure it leaves out is added to it. The raw results stay in the trace.
 """
 
 from __future__ import annotations
@@ -52,13 +52,17 @@ def _failure(result: dict) -> str:
 
 
 def compose(model_text: str, results: list[dict]) -> str:
-    """The reply: the model's own words when they are words, plus each result they leave out.
+    """The reply: the model's own words when they are words that state every result; otherwise the
+    tools' own sentences (words that miss the finding are filler at best, and wrong at worst).
+    A failure the model's words leave out is added to them.
 
     `results` are this turn's tool results, in order: {"name", "summary", "artifact", "error"}."""
     reply = "" if is_markup(model_text) else model_text.strip()
     # a failure the model recovered from (the same tool later succeeded) is not news
     recovered = {r["name"] for r in results if not r.get("error")}
     results = [r for r in results if not (r.get("error") and r["name"] in recovered)]
+    if any(not r.get("error") and not states(reply, r) for r in results):
+        reply = ""
     missing = [_failure(r) if r.get("error") else r["summary"] for r in results if not states(reply, r)]
     return " ".join(part for part in [reply, *dict.fromkeys(missing)] if part)
 

@@ -61,11 +61,11 @@ def test_every_tools_result_reads_as_words(name):
     assert reply == sentence
 
 
-def test_a_reply_that_leaves_out_the_finding_gets_the_tools_sentence():
+def test_a_reply_that_leaves_out_the_finding_becomes_the_tools_sentence():
     result = {"audio": "audio-1", "text": "When is the team off-site?", "language": "en", "seconds": 2.1}
     row = {"name": "transcribe", "summary": summary("transcribe", result), "artifact": result, "error": None}
-    assert compose("Here is the transcript.", [row]) == \
-        'Here is the transcript. audio-1 says: "When is the team off-site?"'
+    # words that miss the finding give way to the tool's own sentence
+    assert compose("Circle is circle, so yes.", [row]) == 'audio-1 says: "When is the team off-site?"'
     stated = 'The speaker asks: "when is the team off-site?"'
     assert compose(stated, [row]) == stated  # stated already: left alone
 
@@ -75,7 +75,8 @@ def test_a_failure_is_told_unless_a_retry_worked():
           "error": None}
     failed = {"name": "speak", "summary": "", "artifact": None, "error": "nothing speakable in '...'"}
     assert compose("", [failed]) == "I could not run speak: nothing speakable in '...'"
-    assert compose("Said it.", [failed, ok]) == "Said it."
+    assert compose("Said it: audio-2.", [failed, ok]) == "Said it: audio-2."
+    assert compose("Said it.", [ok]) == ok["summary"]  # the new audio's id is what a reply must name
 
 
 def test_a_round_that_opens_as_json_is_not_streamed():

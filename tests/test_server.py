@@ -248,7 +248,7 @@ def scripted(tmp_path_factory, tiny_profile):
 def test_an_image_and_audio_go_in_and_a_generated_image_comes_back_as_a_url(scripted):
     url, thinker = scripted
     thinker.script += [ThinkResult("", [call("generate_image", prompt="a red square")]),
-                       ThinkResult("Here is a red square.")]
+                       ThinkResult("Here is a red square: image-2.")]
     content = [{"type": "text", "text": "Draw this again."},
                {"type": "image_url", "image_url": {"url": png_data_url()}},
                {"type": "input_audio", "input_audio": {"data": wav_base64(), "format": "wav"}}]
@@ -258,7 +258,8 @@ def test_an_image_and_audio_go_in_and_a_generated_image_comes_back_as_a_url(scri
     message = completion.choices[0].message
     (item,) = message.model_extra["media"]
     assert item["kind"] == "image" and item["url"] == f"{url}/v1/media/pictures/{item['id']}"
-    assert message.content.startswith("Here is a red square.") and f"![{item['id']}]({item['url']})" in message.content
+    assert message.content.startswith("Here is a red square: image-2.") and item["id"] == "image-2"
+    assert f"![{item['id']}]({item['url']})" in message.content
     response = httpx.get(item["url"])
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(response.content)).size[0] > 0
@@ -266,12 +267,13 @@ def test_an_image_and_audio_go_in_and_a_generated_image_comes_back_as_a_url(scri
 
 def test_a_generated_image_streams_as_a_link_and_a_media_list(scripted):
     url, thinker = scripted
-    thinker.script += [ThinkResult("", [call("generate_image", prompt="a blue circle")]), ThinkResult("Done.")]
+    thinker.script += [ThinkResult("", [call("generate_image", prompt="a blue circle")]), ThinkResult("{")]
     chunks = list(client(url).chat.completions.create(model=MODEL, stream=True, user="stream-pictures",
                                                       messages=[{"role": "user", "content": "Draw a circle"}]))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     (item,) = chunks[-1].model_extra["signalgraph"]["media"]
-    assert text == f"Done.\n\n![{item['id']}]({item['url']})"
+    # the model's "{" is held back; the reply is the tool's own sentence, then the link
+    assert text == f'I drew "a blue circle": {item["id"]}.\n\n![{item["id"]}]({item["url"]})'
     assert httpx.get(item["url"]).status_code == 200
 
 

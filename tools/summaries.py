@@ -95,9 +95,11 @@ def _words(value: Any) -> str:
 
 def key_fact(name: str, result: Any) -> str | None:
     """The part of a result a reply must state for a person to have the answer: the transcript,
-    the best label, the best passage's start. None where the reply's media links say it all."""
+    the best label, the best passage's start, the id of what was made (its link follows)."""
     if not isinstance(result, dict):
         return None
+    if name in ("speak", "generate_image", "generate_audio"):
+        return result.get("audio") or result.get("image")
     if name == "transcribe":
         return str(result.get("text", "")).strip() or None
     if name == "describe_image" and result.get("labels"):
