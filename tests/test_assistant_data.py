@@ -161,9 +161,3 @@ def test_a_widened_adapter_starts_as_the_trained_one(tiny_profile):
     with pytest.raises(Exception, match="rank"):
         widen_lora(state, wide, Backbone.from_spec(tiny_profile.backbone), small)
 
-
-def test_the_local_profile_reads_the_adapter_shape_the_assistant_recipe_trains():
-    from agent.proof_assistant import ASSISTANT_LORA
-    from models.profiles import load_profile
-
-    assert load_profile("local").backbone.lora == ASSISTANT_LORA
