@@ -23,7 +23,7 @@ def test_merged_pt_weights_take_each_part_from_the_run_that_trained_it(tmp_path)
 
 
 def test_shape_drawings_are_not_tool_requests():
-    from agent.proof_joint import _shape_things
+    from agent.tool_requests import own_drawing
 
-    assert _shape_things("Sketch a red circle.")
-    assert not _shape_things("Sketch a lighthouse in fog.")
+    assert own_drawing("Sketch a red circle.")
+    assert not own_drawing("Sketch a lighthouse in fog.")

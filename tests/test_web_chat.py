@@ -63,7 +63,7 @@ def draw(*calls: str) -> ScriptedThinker:
     AudioLDM-2 is slow on a CPU), then says so."""
     args = {"generate_image": {"prompt": "a blue square"}, "generate_audio": {"prompt": "a beep", "seconds": 0.5}}
     return ScriptedThinker(*[ThinkResult("", [{"id": f"call-{name}", "name": name, "args": args[name]}])
-                             for name in calls], ThinkResult("Here is a new blue square."))
+                             for name in calls], ThinkResult("Here is a new blue square, image-2, and the beep, audio-2."))
 
 
 def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profile, browser):
@@ -85,7 +85,7 @@ def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profi
         page.click("#send")
         reply = page.wait_for_selector(".msg.assistant.done", timeout=180_000)
 
-        assert reply.query_selector(".text").inner_text() == "Here is a new blue square."  # links became media
+        assert reply.query_selector(".text").inner_text() == "Here is a new blue square, image-2, and the beep, audio-2."  # links became media
         image = reply.query_selector("img.generated")
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image)
         sound = reply.query_selector("audio.generated")
@@ -106,7 +106,7 @@ def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profi
         page.reload()
         page.wait_for_selector(".msg.assistant img.generated")
         assert page.evaluate("localStorage.getItem('signalgraph.session')") == session
-        assert "Here is a new blue square." in page.inner_text("#log")
+        assert "Here is a new blue square, image-2, and the beep, audio-2." in page.inner_text("#log")
         assert errors == []
         page.close()
     runtime.close()
