@@ -24,6 +24,12 @@ class AgentConfig(BaseModel):
     allowed_dirs: list[Path] = Field(default_factory=lambda: [Path.cwd()])
     tools: list[str] | None = None  # the default allowlist; None allows every tool
     session_tools: dict[str, list[str]] = {}  # per-session allowlists, by session name
+    # tools of your own, as "package.module:attribute" naming a LangChain tool (or a list of them);
+    # declare what they do in tool.metadata ({"effect": "reads"|"acts", "intent": regex, "confirm":
+    # bool}); a tool that declares nothing is treated as acting on the world and asks before it runs
+    extra_tools: list[str] = []
+    # the injection defences (docs/security.md); off only to measure what they stop
+    guard: bool = True
     max_steps: int = Field(3, ge=1, le=10)  # think -> act rounds per turn
     tool_timeout: float = Field(120.0, gt=0)
     retrieve_k: int = Field(3, ge=0)

@@ -45,8 +45,18 @@ class Runtime:
 
             context = ToolContext(session=session, profile=self.profile, store=self.store, pool=self.pool,
                                   output_dir=self.data_dir / "outputs", knowledge_base=self.knowledge_base)
-            self._tools[session] = build_tools(context, allow=self.config.tools_for(session))
+            allow = self.config.tools_for(session)
+            extra = {t.name: t for t in self.extra_tools}
+            built = build_tools(context, allow=None if allow is None else [n for n in allow if n not in extra])
+            self._tools[session] = built + [t for name, t in extra.items() if allow is None or name in allow]
         return self._tools[session]
+
+    @cached_property
+    def extra_tools(self) -> list:
+        """The user's own tools named in the config's `extra_tools`."""
+        from tools.registered import load_tools
+
+        return load_tools(self.config.extra_tools)
 
     @cached_property
     def thinker(self):
@@ -66,7 +76,8 @@ class Runtime:
         return Controller(thinker=self.thinker, store=self.store, tools_for=self.tools, data_dir=self.data_dir,
                           knowledge_base=self.knowledge_base, generate=self._generator(mm) if mm else None,
                           max_steps=self.config.max_steps, tool_timeout=self.config.tool_timeout,
-                          retrieve_k=self.config.retrieve_k, history_turns=self.config.history_turns)
+                          retrieve_k=self.config.retrieve_k, history_turns=self.config.history_turns,
+                          guard=self.config.guard)
 
     @staticmethod
     def _generator(mm):

@@ -49,6 +49,7 @@ from graphs.signal_parser import (
     ToolCallEvent,
     collect,
 )
+from graphs.untrusted import inert
 from models.errors import ConfigError, MediaError
 
 # An example with a tool that is not bound: small models copy a bound tool's example verbatim.
@@ -192,9 +193,11 @@ def to_chat(messages: Sequence[BaseMessage], *, system_prefix: str = "", system_
         elif isinstance(message, HumanMessage):
             chat.append({"role": "user", "content": _content(message, images)})
         elif isinstance(message, AIMessage):
-            chat.append({"role": "assistant", "content": _content(message, images) + render_tool_calls(message)})
+            # its words may quote a note or a transcript: inert, so only its real calls are calls
+            chat.append({"role": "assistant", "content": inert(_content(message, images))
+                         + render_tool_calls(message)})
         elif isinstance(message, ToolMessage):
-            text = _content(message, images)
+            text = inert(_content(message, images))  # a tool's output is data: it cannot close its turn
             if tool_role:
                 chat.append({"role": "tool", "content": text})
                 continue

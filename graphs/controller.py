@@ -1,16 +1,21 @@
 """One conversational turn as a LangGraph graph, and the sessions it persists.
 
-    ingest -> retrieve -> think -> route -> act (parallel, one per tool call) -> collect -> think ...
-                                        \\-> generate (signal spans -> output projector -> generator) -> respond
-                                         \\-> respond
+    ingest -> retrieve -> think -> gate -> act (parallel, one per tool call) -> collect -> think ...
+                                \\-> generate (signal spans -> output projector -> generator) -> respond
+                                 \\-> respond
 
 Tool calls go to expert tools (the survey's "tool usage" axis); signal spans go to the model's
 own output projectors and generators ("end-to-end"). Every decision lands in the trace, which is
 persisted with the session.
+
+What the agent reads (passages, tool results) is data, never instructions: it enters the prompt
+neutralised (graphs/untrusted.py), and the gate runs only the calls the user's own request allows
+(graphs/tool_policy.py), pausing for the user's yes or no before a tool that needs confirmation.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +27,13 @@ from typing import Callable
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
-from langgraph.types import Send
+from langgraph.types import Command, Send, interrupt
 
-from graphs.reply import ProseGate, compose
+from graphs import tool_policy
+from graphs.reply import ProseGate, compose, plain_links
 from graphs.state import TurnState
 from graphs.thinker import Thinker
+from graphs.untrusted import neutralise
 from models.errors import SignalgraphError
 from tools.expert_tools import call_tool
 
@@ -41,6 +48,8 @@ class TurnResult:
     notices: list[str]  # what the user must be told besides the reply (e.g. a refused attachment)
     usage: dict = field(default_factory=dict)  # tokens the backbone read and wrote, all think rounds summed
     finish_reason: str = "stop"  # "length" when the reply stopped at the token limit
+    # a tool call waiting for the user's yes or no: {"tool", "args", "question"}; the reply asks it
+    pending: dict | None = None
 
 
 def _entry(step: str, **details) -> dict:
@@ -53,7 +62,7 @@ class Controller:
     def __init__(self, *, thinker: Thinker, store, tools_for: Callable[[str], list], data_dir: Path,
                  knowledge_base=None, generate: Callable | None = None, max_steps: int = 3,
                  tool_timeout: float = 120.0, retrieve_k: int = 3, history_turns: int = 4,
-                 retrieve_min_score: float = 0.3):
+                 retrieve_min_score: float = 0.3, guard: bool = True):
         self.thinker = thinker
         self.store = store
         self.tools_for = tools_for  # session id -> that session's allowed LangChain tools
@@ -64,6 +73,7 @@ class Controller:
         self.retrieve_k = retrieve_k
         self.history_turns = history_turns
         self.retrieve_min_score = retrieve_min_score  # weaker passages distract more than they help
+        self.guard = guard  # False only to measure what the injection defences stop (the injection bench)
         data_dir.mkdir(parents=True, exist_ok=True)
         from langgraph.checkpoint.sqlite import SqliteSaver
 
@@ -92,7 +102,10 @@ class Controller:
                 continue
             media.append(record.id)
         human = state["messages"][-1]
-        update: dict = {"media": media, "trace": [_entry("ingest", media=media, rejected=notes)]}
+        # the tools this turn may use, from the user's words alone, before anything is read
+        intended = tool_policy.intended_tools(human.text, self._session_tools(session, state))
+        update: dict = {"media": media, "intended": intended,
+                        "trace": [_entry("ingest", media=media, rejected=notes, intended=intended)]}
         if media:
             content = f"{human.text}\n[attached: {', '.join(media)}]"
             update["messages"] = [HumanMessage(content=content, id=human.id)]
@@ -114,18 +127,25 @@ class Controller:
         return {"passages": passages,
                 "trace": [_entry("retrieve", hits=[f"{p['source']}#{p['position']}" for p in passages])]}
 
-    def _think(self, state: TurnState, config) -> dict:
-        session = config["configurable"]["thread_id"]
+    def _session_tools(self, session: str, state: TurnState) -> list:
         tools = self.tools_for(session)
         if state.get("turn_tools") is not None:
             tools = [t for t in tools if t.name in state["turn_tools"]]
+        return tools
+
+    def _think(self, state: TurnState, config) -> dict:
+        session = config["configurable"]["thread_id"]
+        tools = self._session_tools(session, state)
         from tools.expert_tools import tool_schemas
 
         media = [{"id": m, "kind": (r := self.store.get(session, m)).kind, "path": str(r.path)}
                  for m in state.get("media", [])]
         writer = get_stream_writer()
+        passages = state.get("passages", [])
+        if self.guard:
+            passages = [{**p, "text": neutralise(p["text"])} for p in passages]
         result = self.thinker.think(self._window(state["messages"]), tools=tool_schemas(tools),
-                                    passages=state.get("passages", []),
+                                    passages=passages,
                                     media=media, on_text=ProseGate(lambda text: writer({"text": text})),
                                     require_tool=bool(state.get("require_tool")) and state.get("steps", 0) == 0,
                                     max_new_tokens=state.get("max_new_tokens"))
@@ -162,12 +182,56 @@ class Controller:
         return messages[starts[-self.history_turns]:] if len(starts) > self.history_turns else messages
 
     def _route(self, state: TurnState):
-        pending = state.get("pending", [])
-        if pending and state["steps"] <= self.max_steps:
-            return [Send("act", {"call": call}) for call in pending]
+        if state.get("pending") and state["steps"] <= self.max_steps:
+            return "gate"
         if state.get("spans"):
             return "generate"
         return "respond"
+
+    def _gate(self, state: TurnState, config) -> dict:
+        """The tool policy: each call the model wrote runs, is refused with its reason, or (a tool
+        that needs confirmation) waits for the user's yes or no."""
+        if not self.guard:
+            return {"trace": [_entry("gate", allowed=[c["name"] for c in state["pending"]], guard="off")]}
+        session = config["configurable"]["thread_id"]
+        tools = {t.name: t for t in self.tools_for(session)}
+        request = next(m for m in reversed(state["messages"]) if isinstance(m, HumanMessage)).text
+        untrusted = [(f"{p['source']}#{p['position']}", p["text"]) for p in state.get("passages", [])]
+        untrusted += [(f"the {r['name']} result", " ".join([r["summary"], *tool_policy._strings(r["artifact"])]))
+                      for r in state.get("results", []) if not r["error"]]
+        allowed, refused, confirm, trace = [], [], [], []
+        for call in state["pending"]:
+            verdict = tool_policy.check(call, tools.get(call["name"]), request=request,
+                                        intended=state.get("intended") or [], untrusted=untrusted)
+            if not verdict.allowed:
+                refused.append((call, verdict.reason))
+            elif verdict.confirm:
+                confirm.append(call)
+            else:
+                allowed.append(call)
+        if confirm:
+            question = " ".join(_question(c) for c in confirm) + " Say yes to go ahead or no to cancel."
+            answer = interrupt({"actions": [{"tool": c["name"], "args": c["args"]} for c in confirm],
+                               "question": question})
+            approved = isinstance(answer, dict) and answer.get("approve") is True
+            trace.append(_entry("confirm", tools=[c["name"] for c in confirm], approved=approved))
+            if approved:
+                allowed += confirm
+            else:
+                refused += [(c, "you did not approve it") for c in confirm]
+        results = []
+        for call, reason in refused:
+            trace.append(_entry("refuse", tool=call["name"], args=call["args"], reason=reason))
+            results.append({"index": call["index"], "step": call["step"], "id": call["id"], "name": call["name"],
+                            "summary": f"{call['name']} was not run: {reason}.", "artifact": None,
+                            "error": reason, "created": [], "refused": True})
+        trace.append(_entry("gate", allowed=[c["name"] for c in allowed], refused=[c["name"] for c, _ in refused]))
+        return {"pending": allowed, "results": results, "trace": trace}
+
+    def _after_gate(self, state: TurnState):
+        if state.get("pending"):
+            return [Send("act", {"call": call}) for call in state["pending"]]
+        return "collect"
 
     def _act(self, payload: dict, config) -> dict:
         call = payload["call"]
@@ -204,7 +268,8 @@ class Controller:
     def _collect(self, state: TurnState) -> dict:
         step = state["steps"]
         results = sorted((r for r in state.get("results", []) if r["step"] == step), key=lambda r: r["index"])
-        messages = [ToolMessage(content=r["summary"], artifact=r["artifact"], tool_call_id=r["id"], name=r["name"],
+        messages = [ToolMessage(content=neutralise(r["summary"]) if self.guard else r["summary"],
+                                artifact=r["artifact"], tool_call_id=r["id"], name=r["name"],
                                 status="error" if r["error"] else "success") for r in results]
         outputs = list(dict.fromkeys(m for r in results for m in r["created"]))
         return {"messages": messages, "pending": [], "outputs": outputs,
@@ -250,6 +315,8 @@ class Controller:
         said = " ".join(m.text for m in turn[last_result + 1:] if isinstance(m, AIMessage) and m.text)
         results = sorted(state.get("results", []), key=lambda r: (r["step"], r["index"]))
         reply = compose(said, results)
+        if self.guard:
+            reply = plain_links(reply)
         if not reply:
             reply = "Here it is." if state.get("outputs") else \
                 "I have no answer to that. Could you say it another way?"
@@ -262,13 +329,14 @@ class Controller:
     def _build(self) -> StateGraph:
         graph = StateGraph(TurnState)
         for name, node in [("ingest", self._ingest), ("retrieve", self._retrieve), ("think", self._think),
-                           ("act", self._act), ("collect", self._collect), ("generate", self._generate),
+                           ("gate", self._gate), ("act", self._act), ("collect", self._collect), ("generate", self._generate),
                            ("respond", self._respond)]:
             graph.add_node(name, node)
         graph.add_edge(START, "ingest")
         graph.add_edge("ingest", "retrieve")
         graph.add_edge("retrieve", "think")
-        graph.add_conditional_edges("think", self._route, ["act", "generate", "respond"])
+        graph.add_conditional_edges("think", self._route, ["gate", "generate", "respond"])
+        graph.add_conditional_edges("gate", self._after_gate, ["act", "collect"])
         graph.add_edge("act", "collect")
         graph.add_conditional_edges("collect", self._after_collect, ["think", "respond"])
         graph.add_edge("generate", "respond")
@@ -282,32 +350,52 @@ class Controller:
              require_tool: bool = False, max_new_tokens: int | None = None) -> TurnResult:
         """Run one turn. `tools` narrows this turn to some of the session's tools; `require_tool`
         makes its first step a tool call (scripted steps that must use a tool); `max_new_tokens`
-        bounds each think round (the API's max_tokens)."""
-        config = {"configurable": {"thread_id": session}}
+        bounds each think round (the API's max_tokens). While a tool waits for confirmation, a yes
+        or no answers it; any other message drops the action and starts a new turn."""
+        if self.pending(session) is not None:
+            answer = _yes_or_no(text)
+            if answer is not None:  # the message answers the question the last turn asked
+                return self.resume(session, approve=answer, on_text=on_text)
+            self.resume(session, approve=False)  # a new request instead of an answer: the action is dropped
         start = {"messages": [HumanMessage(content=text)], "attachments": list(attachments), "media": [],
-                 "passages": [], "pending": [], "spans": [], "results": None, "outputs": None, "usage": None, "truncated": False, "steps": 0,
-                 "turn_tools": tools, "require_tool": require_tool, "notices": [], "max_new_tokens": max_new_tokens}
-        # One checkpoint per finished turn ("exit"): a session resumes from its last completed turn,
-        # and a turn does not pay for a database write at every step.
+                 "passages": [], "pending": [], "spans": [], "results": None, "outputs": None, "usage": None,
+                 "truncated": False, "steps": 0, "turn_tools": tools, "require_tool": require_tool, "notices": [],
+                 "max_new_tokens": max_new_tokens, "intended": []}
+        return self._run(session, start, on_text)
+
+    def resume(self, session: str, *, approve: bool, on_text: Callable[[str], None] | None = None) -> TurnResult:
+        """Finish a turn that waits for the user's confirmation: run the tool (approve) or not."""
+        if self.pending(session) is None:
+            raise SignalgraphError(f"session {session!r} has no action waiting for confirmation")
+        return self._run(session, Command(resume={"approve": approve}), on_text)
+
+    def pending(self, session: str) -> dict | None:
+        """The action a session's last turn paused on, waiting for a yes or no; None if none."""
+        snapshot = self.graph.get_state({"configurable": {"thread_id": session}})
+        return snapshot.interrupts[0].value if snapshot.interrupts else None
+
+    def _run(self, session: str, start, on_text) -> TurnResult:
+        config = {"configurable": {"thread_id": session}}
+        # One checkpoint per finished (or paused) turn ("exit"): a session resumes from its last
+        # completed turn, and a turn does not pay for a database write at every step.
         if on_text is None:
-            final = self.graph.invoke(start, config, durability="exit")
+            self.graph.invoke(start, config, durability="exit")
         else:
-            final = {}
-            for mode, chunk in self.graph.stream(start, config, stream_mode=["custom", "values"], durability="exit"):
-                if mode == "custom":
-                    on_text(chunk["text"])
-                else:
-                    final = chunk
+            for chunk in self.graph.stream(start, config, stream_mode="custom", durability="exit"):
+                on_text(chunk["text"])
+        final = self.state(session)
+        waiting = self.pending(session)
         reply = next((m for m in reversed(_this_turn(final["messages"])) if isinstance(m, AIMessage) and m.text),
                      None)
+        text = waiting["question"] if waiting else (reply.text if reply else "")
         media = [{"id": mid, "kind": (r := self.store.get(session, mid)).kind, "path": str(r.path)}
                  for mid in final.get("outputs", [])]
         trace = final.get("trace", [])
         first = max(i for i, e in enumerate(trace) if e["step"] == "ingest")  # every turn starts with ingest
         citations = [f"{p['source']}#{p['position']}" for p in final.get("passages", [])]
         usage = {"prompt_tokens": 0, "completion_tokens": 0, **final.get("usage", {})}
-        return TurnResult(session, reply.text if reply else "", media, trace[first:], citations,
-                          final.get("notices", []), usage, "length" if final.get("truncated") else "stop")
+        return TurnResult(session, text, media, trace[first:], citations, final.get("notices", []), usage,
+                          "length" if final.get("truncated") else "stop", waiting)
 
     def state(self, session: str) -> dict:
         return self.graph.get_state({"configurable": {"thread_id": session}}).values
@@ -329,6 +417,19 @@ def _this_turn(messages: list) -> list:
     """The messages after the last user message."""
     last_human = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
     return messages[last_human + 1:]
+
+
+def _question(call: dict) -> str:
+    args = ", ".join(f"{k}: {v}" for k, v in call["args"].items())
+    return f"Shall I run {call['name'].replace('_', ' ')}" + (f" ({args})?" if args else "?")
+
+
+_YES = re.compile(r"^\s*(yes|y|yeah|yep|sure|ok|okay|approve[d]?|confirm(ed)?|go ahead|do it|please do)\b", re.I)
+_NO = re.compile(r"^\s*(no|n|nope|cancel|reject(ed)?|stop|don'?t|do not|decline)\b", re.I)
+
+
+def _yes_or_no(text: str) -> bool | None:
+    return True if _YES.search(text) else False if _NO.search(text) else None
 
 
 def _json(value) -> str:

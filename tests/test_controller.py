@@ -42,7 +42,8 @@ def _recording_tool(name: str, log: list, fail: Exception | None = None) -> Stru
             raise fail
         return f"{name} done"
 
-    return StructuredTool.from_function(run, name=name, description=f"waits, as {name}", args_schema=Wait)
+    return StructuredTool.from_function(run, name=name, description=f"waits, as {name}", args_schema=Wait,
+                                        metadata={"effect": "reads"})
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_independent_tool_calls_run_in_parallel_and_return_in_call_order(tmp_pat
     history = make(tmp_path, store, ScriptedThinker(), tools).state("s")["messages"]
     tool_messages = [m for m in history if isinstance(m, ToolMessage)]
     assert [m.name for m in tool_messages] == ["slow0", "slow1", "slow2", "slow3"]  # call order, not finish order
-    assert steps(result.trace) == ["ingest", "retrieve", "think", "act", "act", "act", "act", "collect", "think",
+    assert steps(result.trace) == ["ingest", "retrieve", "think", "gate", "act", "act", "act", "act", "collect", "think",
                                    "respond"]
     assert thinker.seen[1]["messages"][-1].content == "slow3 done"  # results go back to the backbone
 

@@ -137,7 +137,7 @@ def test_json_after_the_results_becomes_words_and_keeps_every_file(turn):
     script = [ThinkResult("", [call("describe_image", image="image-1"), call("generate_image", 1, prompt="a dog")]),
               ThinkResult("", [call("speak", text="woof")]),
               ThinkResult('{"image": "image-2", "labels": [{"label": "tabby"}]}')]
-    result, _ = turn(script, "What is this? Then draw a dog and bark.", [{"kind": "image", "path": str(CAT)}])
+    result, _ = turn(script, "What is this? Then draw a dog and say woof.", [{"kind": "image", "path": str(CAT)}])
     assert not is_markup(result.text) and "{" not in result.text
     assert "image-1 looks like a" in result.text and 'I drew "a dog": image-2.' in result.text
     assert [m["id"] for m in result.media] == ["image-2", "audio-1"]  # a later tool does not drop the drawing

@@ -49,6 +49,20 @@ TOOL_NAMES: tuple[str, ...] = (
     "search_knowledge",
 )
 
+# What each tool does to the world, for the controller's tool policy (graphs/tool_policy.py): tools
+# that act run only when the user's own request asks for them, in these words.
+TOOL_EFFECTS: dict[str, dict] = {
+    "transcribe": {"effect": "reads"},
+    "describe_image": {"effect": "reads"},
+    "search_knowledge": {"effect": "reads"},
+    "speak": {"effect": "acts", "intent": r"\b(say|speak|spoken|aloud|out loud|read\b.{0,60}\bout|voice|"
+                                          r"pronounce|narrat\w*|text.to.speech|tts)\b"},
+    "generate_image": {"effect": "acts", "intent": r"\b(draw\w*|paint\w*|sketch\w*|illustrat\w*|pictures?|images?|"
+                                                   r"photos?|posters?|render\w*|logos?|designs?|show me)\b"},
+    "generate_audio": {"effect": "acts", "intent": r"\b(sounds?|noises?|music|tunes?|melody|jingle|audio|"
+                                                   r"chimes?|ring\w*)\b"},
+}
+
 _MAX_SEED = 2**32 - 1
 T = TypeVar("T")
 
@@ -377,6 +391,7 @@ def _tool(context: ToolContext, func: Callable[..., Any], args: type[BaseModel],
         args_schema=args,
         handle_tool_error=True,
         handle_validation_error=_validation_message(func.__name__, context),
+        metadata=dict(TOOL_EFFECTS[func.__name__]),
     )
 
 
@@ -388,7 +403,7 @@ _BUILDERS: dict[str, Callable[[ToolContext], StructuredTool]] = {
     "generate_audio": _make_generate_audio,
     "search_knowledge": _make_search_knowledge,
 }
-assert tuple(_BUILDERS) == TOOL_NAMES
+assert tuple(_BUILDERS) == TOOL_NAMES and set(TOOL_EFFECTS) == set(TOOL_NAMES)
 
 
 def build_tools(context: ToolContext, allow: Iterable[str] | None = None) -> list[BaseTool]:
