@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--session", help="session name (default: a new one)")
     ask.add_argument("--json", action="store_true", help="print the reply, media and trace as JSON")
     ask.add_argument("--trace", action="store_true", help="show the routing decisions")
+    ask.add_argument("--yes", action="store_true",
+                     help="approve the actions that ask for confirmation (default: ask on a terminal)")
 
     plan = commands.add_parser("plan", help="plan tasks over the tools for a request, check them, run them")
     plan.add_argument("request")

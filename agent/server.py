@@ -186,7 +186,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return FileResponse(WEB / "index.html", media_type="text/html")
+        return FileResponse(WEB / "index.html", media_type="text/html", headers={"Content-Security-Policy": WEB_CSP})
 
     @app.get("/chat.js", include_in_schema=False)
     async def script():
@@ -220,7 +220,9 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
     @app.get("/v1/sessions/{session}", dependencies=guarded)
     async def session_turns(request: Request, session: str):
         state = await run_in_threadpool(runtime.controller.state, session)
-        return {"session": session, "turns": _turns(state, lambda m: _media_item(request, session, m))}
+        pending = await run_in_threadpool(runtime.controller.pending, session)
+        return {"session": session, "turns": _turns(state, lambda m: _media_item(request, session, m)),
+                "pending": pending}
 
     # --- chat completions ---------------------------------------------------------------------
 
@@ -291,6 +293,13 @@ def _check_model(name: str, model_id: str) -> None:
     if name != model_id:
         raise ApiError(404, f"the model {name!r} does not exist here; this server serves {model_id!r} "
                             "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+# The web chat loads and fetches only from this server: a link a note or a reply carries is never
+# fetched (no remote images, no beacons), whatever ends up in the page.
+WEB_CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self' blob: data:; "
+           "media-src 'self' blob:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'")
 
 
 def _session(request: Request, req: ChatCompletionRequest) -> str:
@@ -395,6 +404,7 @@ def _controller_job(runtime: Runtime, session: str, prepared: dict, media_item: 
         media = [media_item(m["id"]) for m in result.media]
         links = [f"![{m['id']}]({m['url']})" if m["kind"] == "image" else f"[{m['id']}]({m['url']})" for m in media]
         extension = {"session": session, "media": media, "citations": result.citations, "notices": result.notices,
+                     "pending": result.pending,  # an action waiting for the user's yes or no (the reply asks)
                      "trace": json.loads(json.dumps(result.trace, default=str))}
         usage = {"prompt_tokens": result.usage["prompt_tokens"], "completion_tokens": result.usage["completion_tokens"],
                  "total_tokens": result.usage["prompt_tokens"] + result.usage["completion_tokens"]}

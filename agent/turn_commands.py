@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from agent.config import load_config
@@ -84,16 +85,34 @@ def ask(args) -> int:
         attachments = [_attach(runtime, session, kind, path) for kind in ("image", "audio", "video")
                        for path in getattr(args, kind) or []]
         result = runtime.controller.turn(session, args.question, attachments, on_text=stream)
+        if result.pending is not None:
+            result = _confirm(runtime, result, args, stream)
     finally:
         runtime.close()
     if args.json:
         print(json.dumps({"session": result.session, "text": result.text, "media": result.media,
-                          "citations": result.citations, "notices": result.notices, "trace": result.trace},
-                         indent=2, default=str))
+                          "citations": result.citations, "notices": result.notices, "pending": result.pending,
+                          "trace": result.trace}, indent=2, default=str))
     else:
         print()
         _show(result, args.trace)
     return 0
+
+
+def _confirm(runtime: Runtime, result, args, stream):
+    """An action that needs the user's yes: --yes gives it, a terminal asks, and otherwise it waits in
+    the session for `signalgraph ask --session NAME yes` (or no)."""
+    if args.yes:
+        approve = True
+    elif sys.stdin.isatty() and not args.json:
+        print(f"\n{result.text}")
+        approve = input("  [y/N] ").strip().lower() in ("y", "yes")
+    else:
+        result.notices.append(f"waiting for your answer: signalgraph ask --session {result.session} yes (or no)")
+        return result
+    if stream:
+        print("assistant> ", end="", flush=True)
+    return runtime.controller.resume(result.session, approve=approve, on_text=stream)
 
 
 def kb(args) -> int:

@@ -30,7 +30,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, Send, interrupt
 
 from graphs import tool_policy
-from graphs.reply import ProseGate, compose, plain_links
+from graphs.reply import PlainLinkStream, ProseGate, compose, plain_links
 from graphs.state import TurnState
 from graphs.thinker import Thinker
 from graphs.untrusted import neutralise
@@ -141,14 +141,18 @@ class Controller:
         media = [{"id": m, "kind": (r := self.store.get(session, m)).kind, "path": str(r.path)}
                  for m in state.get("media", [])]
         writer = get_stream_writer()
+        stream = PlainLinkStream(lambda text: writer({"text": text})) if self.guard \
+            else (lambda text: writer({"text": text}))
         passages = state.get("passages", [])
         if self.guard:
             passages = [{**p, "text": neutralise(p["text"])} for p in passages]
         result = self.thinker.think(self._window(state["messages"]), tools=tool_schemas(tools),
                                     passages=passages,
-                                    media=media, on_text=ProseGate(lambda text: writer({"text": text})),
+                                    media=media, on_text=ProseGate(stream),
                                     require_tool=bool(state.get("require_tool")) and state.get("steps", 0) == 0,
                                     max_new_tokens=state.get("max_new_tokens"))
+        if self.guard:
+            stream.flush()
         step = state.get("steps", 0) + 1
         text = result.text
         if result.malformed and not result.tool_calls:

@@ -85,6 +85,49 @@ def plain_links(text: str) -> str:
     return _HTML_TAG.sub(lambda m: " ".join(f"({u})" for u in _HTML_URL.findall(m.group(0))), text)
 
 
+_MAYBE_LINK = re.compile(r"!?\[[^\]\n]*(\]|\]\([^)\s]*(\s+\"[^\"\n]*\"?)?)?|!"
+                         r"|<\s*/?\s*[a-zA-Z]*|<\s*/?\s*(" + _HTML_TAG.pattern.split("(", 1)[1].split(")")[0]
+                         + r")\b[^>\n]*")
+
+
+class PlainLinkStream:
+    """`plain_links` for streamed text: a piece that may be the start of a link or a tag is held
+    until it is complete (then made plain) or clearly is not one; the rest streams at once."""
+
+    def __init__(self, emit):
+        self.emit = emit
+        self.held = ""
+
+    def __call__(self, text: str) -> None:
+        self.held += text
+        while self.held:
+            start = min((i for i in (self.held.find("!["), self.held.find("["), self.held.find("<"),
+                                     len(self.held) - 1 if self.held.endswith("!") else -1) if i >= 0),
+                        default=-1)
+            if start < 0:
+                self.emit(self.held)
+                self.held = ""
+                return
+            if start:
+                self.emit(self.held[:start])
+                self.held = self.held[start:]
+            whole = next((m for m in (_MD_IMAGE.match(self.held), _MD_LINK.match(self.held),
+                                      _HTML_TAG.match(self.held)) if m), None)
+            if whole is not None:
+                self.emit(plain_links(whole.group(0)))
+                self.held = self.held[whole.end():]
+            elif _MAYBE_LINK.fullmatch(self.held) and len(self.held) < 500:
+                return  # may still become a link: wait for more
+            else:
+                self.emit(self.held[0])
+                self.held = self.held[1:]
+
+    def flush(self) -> None:
+        if self.held:
+            self.emit(plain_links(self.held))
+            self.held = ""
+
+
 class ProseGate:
     """Streams a think round's text only once it is clearly prose: a round that opens with `{` or
     `[` is held back (the response stage decides what the person reads instead)."""

