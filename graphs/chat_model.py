@@ -19,8 +19,8 @@ import io
 import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import torch
 from langchain_core.callbacks import CallbackManagerForLLMRun

@@ -18,11 +18,11 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.config import get_stream_writer
@@ -333,7 +333,8 @@ class Controller:
     def _build(self) -> StateGraph:
         graph = StateGraph(TurnState)
         for name, node in [("ingest", self._ingest), ("retrieve", self._retrieve), ("think", self._think),
-                           ("gate", self._gate), ("act", self._act), ("collect", self._collect), ("generate", self._generate),
+                           ("gate", self._gate), ("act", self._act), ("collect", self._collect), ("generate",
+                                                                                                  self._generate),
                            ("respond", self._respond)]:
             graph.add_node(name, node)
         graph.add_edge(START, "ingest")

@@ -71,8 +71,8 @@ def compose(model_text: str, results: list[dict]) -> str:
 
 _MD_IMAGE = re.compile(r"!\[([^\]]*)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 _MD_LINK = re.compile(r"\[([^\]]+)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-_HTML_TAG = re.compile(r"<\s*/?\s*(img|a|iframe|script|link|meta|video|audio|source|object|embed|style|form|svg)\b[^>]*>",
-                       re.IGNORECASE)
+_HTML_TAG = re.compile(r"<\s*/?\s*(img|a|iframe|script|link|meta|video|audio|source|object|embed|style|form|svg)"
+                       r"\b[^>]*>", re.IGNORECASE)
 _HTML_URL = re.compile(r"\b(?:src|href|data|action)\s*=\s*[\"']?([^\"'\s>]+)", re.IGNORECASE)
 
 

@@ -10,10 +10,11 @@ import json
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import yaml
 from langchain_core.messages import AnyMessage
@@ -86,7 +87,8 @@ def system_prompt(tools: list[dict], media: list[dict], skills: list[str] = ()) 
         listing = "\n".join(f"- {_signature(t)}: {t['description']}" for t in tools)
         parts.append(prompts()["tools"].format(tools=listing).strip())
     if media:
-        parts.append(prompts()["attachments"].format(media=", ".join(f"{m['id']} ({m['kind']})" for m in media)).strip())
+        listing = ", ".join(f"{m['id']} ({m['kind']})" for m in media)
+        parts.append(prompts()["attachments"].format(media=listing).strip())
     return "\n\n".join(parts)
 
 

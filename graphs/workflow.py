@@ -28,9 +28,9 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
 from graphs.thinker import Thinker
-from graphs.workflow_runs import RunInfo, RunLog, WorkflowError, session_of
-from graphs.workflow_spec import (MEDIA_TYPES, ApprovalStep, PromptStep, ToolStep, WorkflowSpec, input_values)
 from graphs.untrusted import neutralise
+from graphs.workflow_runs import RunInfo, RunLog, WorkflowError, session_of
+from graphs.workflow_spec import MEDIA_TYPES, ApprovalStep, PromptStep, ToolStep, WorkflowSpec, input_values
 from graphs.workflow_templates import EvaluationError, SkippedStepError, condition, evaluate, render
 from models.errors import SignalgraphError
 from tools.expert_tools import call_tool

@@ -18,6 +18,7 @@ from typing import Any
 
 from models.errors import SignalgraphError
 
+
 class WorkflowError(SignalgraphError):
     """A run that cannot do what was asked (unknown id, already running, not waiting for an answer)."""
 
@@ -159,7 +160,8 @@ class RunLog:
 
     def event(self, run_id: str, step: str, event: str, attempt: int | None = None, detail: str = "") -> None:
         with self._lock:
-            self._db.execute("INSERT INTO events (run_id, step, event, attempt, detail, time) VALUES (?, ?, ?, ?, ?, ?)",
+            self._db.execute("INSERT INTO events (run_id, step, event, attempt, detail, time) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
                              (run_id, step, event, attempt, detail, time.time()))
             if event in ("started", "waiting"):
                 self._db.execute("UPDATE runs SET step=?, updated=? WHERE id=?", (step, time.time(), run_id))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
@@ -91,8 +91,7 @@ def _step_kind(data: Any) -> str | None:
 
 
 Step = Annotated[
-    Union[Annotated[ToolStep, Tag("tool")], Annotated[PromptStep, Tag("prompt")],
-          Annotated[ApprovalStep, Tag("approval")]],
+    Annotated[ToolStep, Tag("tool")] | Annotated[PromptStep, Tag("prompt")] | Annotated[ApprovalStep, Tag("approval")],
     Discriminator(_step_kind, custom_error_type="step_kind",
                   custom_error_message="a step needs exactly one of tool, prompt or approval"),
 ]

@@ -224,7 +224,8 @@ def _item(value: Any, key: int | str, node: ast.Subscript) -> Any:
     if not isinstance(value, (list, str)):
         raise EvaluationError(f"{where} is {_kind(value)}, which cannot be indexed with [{key}]")
     if not -len(value) <= key < len(value):
-        raise EvaluationError(f"{where} has {len(value)} item{'s' if len(value) != 1 else ''}, so [{key}] is out of range")
+        items = f"{len(value)} item{'s' if len(value) != 1 else ''}"
+        raise EvaluationError(f"{where} has {items}, so [{key}] is out of range")
     return value[key]
 
 

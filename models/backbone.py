@@ -81,7 +81,7 @@ class Backbone(nn.Module):
         self.new_token_ids = sorted(tokenizer.convert_tokens_to_ids(new_tokens))
 
     @classmethod
-    def from_spec(cls, spec: BackboneSpec) -> "Backbone":
+    def from_spec(cls, spec: BackboneSpec) -> Backbone:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = resolve(spec.source)

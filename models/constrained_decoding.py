@@ -23,7 +23,8 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -72,7 +73,7 @@ class _TokenizerEntry:
         self.grammars: OrderedDict[tuple, Any] = OrderedDict()
 
 
-_entries: "weakref.WeakKeyDictionary[Any, _TokenizerEntry]" = weakref.WeakKeyDictionary()
+_entries: weakref.WeakKeyDictionary[Any, _TokenizerEntry] = weakref.WeakKeyDictionary()
 _entries_lock = threading.Lock()
 compile_stats = {"compiled": 0, "cache_hits": 0, "last_compile_s": 0.0}
 

@@ -108,7 +108,8 @@ def _array(buffer: mmap.mmap, offset: int, dtype: str, shape: tuple[int, ...]) -
     if dtype == "bfloat16":
         bits = np.frombuffer(buffer, dtype="<u2", count=count, offset=offset).astype(np.uint32) << 16
         return bits.view(np.float32).reshape(shape)
-    return np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<"), count=count, offset=offset).reshape(shape).copy()
+    return np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<"), count=count,
+                         offset=offset).reshape(shape).copy()
 
 
 def read_ct2_model(
@@ -357,7 +358,8 @@ def convert_ct2_whisper(ct2_dir: Path, dest: Path) -> Path:
             f"{str(ct2_dir)!r} is not a CTranslate2 model folder (no model.bin); "
             "point the conversion at a folder such as the one shipped:whisper-tiny.en resolves to"
         )
-    spec_name, _revision, variables, aliases = read_ct2_model(model_bin, desc=f"converting {ct2_dir.name} to openai-whisper")
+    spec_name, _revision, variables, aliases = read_ct2_model(model_bin,
+                                                              desc=f"converting {ct2_dir.name} to openai-whisper")
     if spec_name != "WhisperSpec":
         raise AssetError(f"{str(model_bin)!r} is a CTranslate2 {spec_name!r} model, not Whisper (WhisperSpec)")
     weights = _Weights(variables, aliases, model_bin)
@@ -405,7 +407,8 @@ def convert_ct2_whisper(ct2_dir: Path, dest: Path) -> Path:
         wrong = sorted(n for n in set(got) & set(expected) if got[n] != expected[n])
         raise AssetError(
             f"{str(model_bin)!r} does not map onto openai-whisper {asdict(dims)}: "
-            f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {[(n, got[n], expected[n]) for n in wrong[:5]]}"
+            f"missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"wrong shapes {[(n, got[n], expected[n]) for n in wrong[:5]]}"
         )
 
     checkpoint: dict[str, Any] = {"dims": asdict(dims), "model_state_dict": sd}

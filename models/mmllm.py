@@ -83,7 +83,7 @@ class MMLLM(nn.Module):
 
     @classmethod
     def from_profile(cls, profile: ProfileSpec, *, require_trained: bool = True,
-                     weights_dir: Path | None = None) -> "MMLLM":
+                     weights_dir: Path | None = None) -> MMLLM:
         return cls(profile, Backbone.from_spec(profile.backbone), require_trained=require_trained,
                    weights_dir=weights_dir)
 
@@ -179,7 +179,8 @@ class MMLLM(nn.Module):
 
             if modality in ("image", "video"):
                 if self.profile.image_encoder is None:
-                    raise ConfigError(f"the profile {self.profile.name!r} has no image encoder, so it cannot read {modality}")
+                    raise ConfigError(f"the profile {self.profile.name!r} has no image encoder, "
+                                      f"so it cannot read {modality}")
                 image = self.encoders.get("image") or encoders.build_image_encoder(self.profile.image_encoder)
                 self.encoders["image"] = image
                 if modality == "video":

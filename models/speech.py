@@ -53,7 +53,8 @@ def load_piper_voice(onnx_path: Path, *, use_cuda: bool = False) -> PiperVoice:
         voices = sorted(onnx_path.glob("*.onnx"))
         if len(voices) != 1:
             raise AssetMissingError(
-                f"expected one piper .onnx voice in {str(onnx_path)!r}, found {len(voices)}; point the source at the file"
+                f"expected one piper .onnx voice in {str(onnx_path)!r}, found {len(voices)}; "
+                "point the source at the file"
             )
         onnx_path = voices[0]
     config = onnx_path.with_name(onnx_path.name + ".json")

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from agent.assistant_mix import CAPABILITY_HELD_OUT, CAPABILITY_QUESTIONS, assistant_mix, capability_lines
-from agent.general_questions import HELD_OUT, correct, training_prompts
-from agent.plan_requests import KINDS, plan_requests, right_tools
+from agent.proofs.assistant_mix import CAPABILITY_HELD_OUT, CAPABILITY_QUESTIONS, assistant_mix, capability_lines
+from agent.proofs.general_questions import HELD_OUT, correct, training_prompts
+from agent.proofs.plan_requests import KINDS, plan_requests, right_tools
 from graphs.capabilities import TOOL_WORDS, describe
 from models.training.data import read_manifest
 from models.training.vqa_phrasings import STYLES, answer_in, styled_test_lines, varied_vqa_manifest
@@ -103,7 +103,7 @@ def test_general_training_prompts_never_ask_a_held_out_question():
 
 
 def test_the_mix_is_valid_and_mostly_in_the_controllers_format(tmp_path):
-    from agent.proof_drawing import _manifests
+    from agent.proofs.drawing import _manifests
 
     _, draw_it = _manifests(tmp_path, 48, 0)
     lines = assistant_mix(tmp_path, schemas=SCHEMAS, skills=["look at the images you attach"], draw_it=draw_it,

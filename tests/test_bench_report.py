@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from agent.bench_report import table
-from agent.cli import main
+from agent.bench.report import table
+from agent.cli.main import main
 
 
 def test_the_quick_report_writes_the_table_json_and_plots(tmp_path, capsys):

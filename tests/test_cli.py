@@ -9,7 +9,7 @@ import pytest
 
 
 def run(*args: str, env_profile: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "agent.cli", *args]
+    command = [sys.executable, "-m", "agent.cli.main", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -20,7 +20,7 @@ def test_help_lists_the_commands():
 
 
 def test_help_does_not_import_heavy_libraries():
-    code = "import sys; from agent.cli import main; main(['--help']) if False else None; " \
+    code = "import sys; from agent.cli.main import main; main(['--help']) if False else None; " \
            "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "[]"
@@ -79,7 +79,7 @@ def test_ask_with_an_attachment_it_cannot_read_runs_no_turn_and_exits_2(tmp_path
     path = make(tmp_path)
     kind = "--audio" if str(path).endswith(".wav") else "--image"
     env_home = {"SIGNALGRAPH_HOME": str(tmp_path / "home")}
-    command = [sys.executable, "-m", "agent.cli", "--profile", "tiny", "ask", "What is this?", kind, str(path)]
+    command = [sys.executable, "-m", "agent.cli.main", "--profile", "tiny", "ask", "What is this?", kind, str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ,
                                                                                        **env_home})
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -97,7 +97,7 @@ def test_a_file_the_user_types_is_read_from_any_folder(tmp_path):
     elsewhere = tmp_path / "somewhere" / "else"
     elsewhere.mkdir(parents=True)
     Image.new("RGB", (16, 16), "red").save(elsewhere / "red.png")
-    result = subprocess.run([sys.executable, "-m", "agent.cli", "--profile", "tiny", "ask", "What is this?",
+    result = subprocess.run([sys.executable, "-m", "agent.cli.main", "--profile", "tiny", "ask", "What is this?",
                              "--image", str(elsewhere / "red.png"), "--json", "--trace"],
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "SIGNALGRAPH_HOME": str(tmp_path / "home")})
@@ -128,7 +128,8 @@ def test_every_subcommand_says_a_wrong_argument_in_one_line(command):
     (("--profile", "tiny", "plan", "draw a cat", "--image", "/no/such.png"), "/no/such.png"),
 ])
 def test_bad_values_are_one_line_and_exit_2(args, message, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, "-m", "agent.cli.main", *args], capture_output=True, text=True,
+                            timeout=300,
                             env={**os.environ, "SIGNALGRAPH_HOME": str(tmp_path)}, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     # (building the tiny test models on first use may draw a progress bar before it)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.messages import ToolMessage
 from langchain_core.tools import StructuredTool
 from PIL import Image
 from pydantic import BaseModel
@@ -84,7 +84,8 @@ def test_independent_tool_calls_run_in_parallel_and_return_in_call_order(tmp_pat
     history = make(tmp_path, store, ScriptedThinker(), tools).state("s")["messages"]
     tool_messages = [m for m in history if isinstance(m, ToolMessage)]
     assert [m.name for m in tool_messages] == ["slow0", "slow1", "slow2", "slow3"]  # call order, not finish order
-    assert steps(result.trace) == ["ingest", "retrieve", "think", "gate", "act", "act", "act", "act", "collect", "think",
+    assert steps(result.trace) == ["ingest", "retrieve", "think", "gate", "act", "act", "act", "act", "collect",
+                                   "think",
                                    "respond"]
     assert thinker.seen[1]["messages"][-1].content == "slow3 done"  # results go back to the backbone
 
@@ -138,7 +139,8 @@ def test_the_loop_stops_after_max_steps(tmp_path, store):
 
 def test_a_call_repeated_word_for_word_in_a_turn_runs_once(tmp_path, store):
     log: list = []
-    thinker = ScriptedThinker(ThinkResult("", [call("same", seconds=0.0)]), ThinkResult("", [call("same", seconds=0.0)]),
+    thinker = ScriptedThinker(ThinkResult("", [call("same", seconds=0.0)]), ThinkResult("", [call("same",
+                                                                                                  seconds=0.0)]),
                               ThinkResult("ok"))
     result = make(tmp_path, store, thinker, [_recording_tool("same", log)]).turn("s", "go")
     assert len(log) == 1 and steps(result.trace).count("act") == 1
@@ -214,7 +216,7 @@ def test_signal_spans_go_to_the_generator_and_untrained_ones_say_why(tmp_path, s
 
 def test_conversation_persists_across_processes(tmp_path):
     """Two real `signalgraph ask` processes on the tiny profile share one session."""
-    env_args = [sys.executable, "-m", "agent.cli", "--profile", "tiny"]
+    env_args = [sys.executable, "-m", "agent.cli.main", "--profile", "tiny"]
     config = tmp_path / "signalgraph.yaml"
     config.write_text(f"data_dir: {tmp_path / 'data'}\nallowed_dirs: [{tmp_path}]\nmax_new_tokens: 4\n")
     for question in ("hello", "hello again"):

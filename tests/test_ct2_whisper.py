@@ -38,8 +38,8 @@ def model(converted):
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    from models.speech import build_speech
     from models.specs import SpeechSpec
+    from models.speech import build_speech
     from models.transcriber import prepare_audio
 
     samples, rate = build_speech(SpeechSpec(source="shipped:piper-joe-medium")).synthesize(SENTENCE)

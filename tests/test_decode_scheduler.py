@@ -148,7 +148,8 @@ def test_the_decode_copys_step_attention_matches_sdpa_with_and_without_padding(c
     attention = chaotic_mm.backbone.model.model.layers[0].self_attn
     heads, key_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
     torch.manual_seed(0)
-    query, key, value = torch.randn(3, heads, 1, 16), torch.randn(3, key_heads, 20, 16), torch.randn(3, key_heads, 20, 16)
+    query, key, value = torch.randn(3, heads, 1, 16), torch.randn(3, key_heads, 20, 16), torch.randn(3, key_heads,
+                                                                                                     20, 16)
     padding = torch.zeros(3, 1, 1, 20)
     padding[1, ..., :6] = float("-inf")  # a shorter row, padded on the left
     for mask in (None, padding):
@@ -165,7 +166,8 @@ def test_requests_join_while_others_decode(chaotic_mm, scheduler):
     long = scheduler.submit(DecodeRequest(embeds(chaotic_mm, QUESTIONS[3]), 40, [], first))
     assert first.seen.wait(timeout=60)
     late = scheduler.submit_all([DecodeRequest(embeds(chaotic_mm, q), 12) for q in QUESTIONS[:3]])
-    assert answer(long.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, embeds(chaotic_mm, QUESTIONS[3]), [], 40)
+    assert answer(long.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, embeds(chaotic_mm, QUESTIONS[3]),
+                                                                      [], 40)
     for q, future in zip(QUESTIONS[:3], late):
         assert answer(future.result(timeout=60), stops(chaotic_mm)) == lone(chaotic_mm, embeds(chaotic_mm, q), [], 12)
     # the late prompts were computed in one step that also decoded the long row: it never waited for them

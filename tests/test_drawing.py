@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from models.training.data import easy_vqa_shapes, read_manifest
@@ -51,7 +50,7 @@ def test_the_generator_trainer_writes_a_stable_diffusion_pipeline(tmp_path):
 
 
 def test_drawing_manifests_are_valid_and_pair_each_span_with_its_caption(tmp_path):
-    from agent.proof_drawing import SIGNAL, _manifests
+    from agent.proofs.drawing import SIGNAL, _manifests
 
     pt, it = _manifests(tmp_path, 48, seed=0)
     pt_records, it_records = read_manifest(pt), read_manifest(it)

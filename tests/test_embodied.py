@@ -264,7 +264,7 @@ def test_tiny_backbone_writes_valid_skill_calls(tiny_profile):
 # --- the command ----------------------------------------------------------------------------------
 
 def test_command_rejects_an_unknown_level(capsys):
-    from agent.cli import main
+    from agent.cli.main import main
 
     assert main(["embodied", "--env", "BabyAI-NoSuchLevel-v0"]) == 2
     err = capsys.readouterr().err
@@ -277,7 +277,7 @@ def test_command_compares_policies_and_draws_episodes(tmp_path, capsys):
 
     from PIL import Image
 
-    from agent.cli import main
+    from agent.cli.main import main
 
     out = tmp_path / "embodied"
     assert main(["--profile", "tiny", "embodied", "--env", "BabyAI-GoToObj-v0", "--episodes", "2",
@@ -297,8 +297,8 @@ def test_command_compares_policies_and_draws_episodes(tmp_path, capsys):
 def test_levels_run_one_at_a_time_add_up(tmp_path):
     import json
 
-    from agent.cli import main
-    from agent.embodied_commands import _earlier
+    from agent.cli.embodied import _earlier
+    from agent.cli.main import main
 
     out = tmp_path / "embodied"
     run = ["--profile", "tiny", "embodied", "--episodes", "1", "--gif", "0", "--out", str(out)]

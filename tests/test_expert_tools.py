@@ -95,7 +95,8 @@ def test_speak_then_transcribe_round_trip(context, store):
     assert sum(word in words for word in ("quick", "brown", "fox", "lazy", "dog")) >= 4, heard
     assert heard["audio"] == "audio-1" and heard["language"] == "en"
     assert summary("transcribe", heard) == f'audio-1 says: "{heard["text"].strip()}"'
-    assert summary("speak", spoken).startswith('I said "The quick brown fox') and spoken["audio"] in summary("speak", spoken)
+    assert summary("speak", spoken).startswith('I said "The quick brown fox') and spoken["audio"] in summary("speak",
+                                                                                                             spoken)
 
 
 def test_speak_with_nothing_speakable_is_a_message(context):

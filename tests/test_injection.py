@@ -1,7 +1,7 @@
 """Untrusted content cannot steer the agent: neutralised in the prompt, never parsed as a call, and
 the tool policy refuses what the user did not ask for (graphs/untrusted.py, graphs/tool_policy.py).
 
-The suite at the end is the injection benchmark (agent/bench_injection.py) on a backbone that obeys
+The suite at the end is the injection benchmark (agent/bench/injection.py) on a backbone that obeys
 every instruction it reads (the worst case for the structure), on the tiny and local profiles'
 real tools, and on the local profile's real backbone.
 """
@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import StructuredTool
 from pydantic import BaseModel
 
-from agent.bench_injection import ObedientThinker, run_suite
+from agent.bench.injection import ObedientThinker, run_suite
 from graphs.chat_model import to_chat
 from graphs.controller import Controller
 from graphs.reply import plain_links
@@ -217,9 +217,9 @@ def test_streamed_replies_make_links_plain_however_they_are_cut(size):
 def test_the_cli_approves_with_yes_and_otherwise_leaves_the_action_waiting(tmp_path, tiny_profile, monkeypatch):
     import argparse
 
+    from agent.cli.turns import _confirm
     from agent.config import AgentConfig
     from agent.runtime import Runtime
-    from agent.turn_commands import _confirm
 
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
     monkeypatch.setenv("SIGNALGRAPH_OUTBOX", str(tmp_path / "outbox"))

@@ -5,7 +5,7 @@ from safetensors.torch import load_file, save_file
 
 
 def test_merged_pt_weights_take_each_part_from_the_run_that_trained_it(tmp_path):
-    from agent.proof_joint import merge_pt
+    from agent.proofs.joint import merge_pt
 
     new_ids, signal_ids = [100, 101, 102, 103], [102, 103]
     seeing = {"input_projectors.image.w": torch.ones(2), "output_projectors.image.w": torch.zeros(2),
@@ -23,7 +23,7 @@ def test_merged_pt_weights_take_each_part_from_the_run_that_trained_it(tmp_path)
 
 
 def test_shape_drawings_are_not_tool_requests():
-    from agent.tool_requests import own_drawing
+    from agent.proofs.tool_requests import own_drawing
 
     assert own_drawing("Sketch a red circle.")
     assert not own_drawing("Sketch a lighthouse in fog.")

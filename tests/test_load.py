@@ -5,7 +5,7 @@ long version: 32 sessions for 2 minutes.)"""
 
 from __future__ import annotations
 
-from agent.bench_load import load_test, passed
+from agent.bench.load import load_test, passed
 
 
 def test_concurrent_streaming_sessions_get_no_5xx_and_only_their_own_content(tmp_path):

@@ -275,7 +275,7 @@ def test_expert_tool_errors_come_back_as_the_tasks_error(expert_tools):
 # --- the command ----------------------------------------------------------------------------------
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "agent.cli.main", *args], capture_output=True, text=True, timeout=300,
                           cwd=cwd, env={**__import__("os").environ,
                                         "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.tool_requests import tool_result
+from agent.proofs.tool_requests import tool_result
 from graphs.controller import Controller
 from graphs.reply import ProseGate, compose, is_markup
 from graphs.scripted import ScriptedThinker
@@ -49,7 +49,7 @@ def test_words_are_a_reply(text):
 @pytest.mark.parametrize("name", TOOL_NAMES)
 def test_every_tools_result_reads_as_words(name):
     rng = random.Random(0)
-    from agent.tool_requests import requests
+    from agent.proofs.tool_requests import requests
 
     item = next(i for i in requests(60, seed=1, single_only=True) if i["calls"][0]["name"] == name)
     result, _ = tool_result(item["calls"][0], rng)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from agent.config import AgentConfig
 from agent.runtime import Runtime
-from agent.server import create_app
+from agent.server.app import create_app
 from graphs.scripted import ScriptedThinker
 from graphs.thinker import ThinkResult
 from models.specs import MediaLimits
@@ -427,7 +427,7 @@ def test_signalgraph_serve_listens_on_loopback_with_a_key_from_the_environment(t
     config = tmp_path / "signalgraph.yaml"
     config.write_text(f"data_dir: {tmp_path / 'data'}\n")
     env = dict(os.environ, SIGNALGRAPH_API_KEY="from-env")
-    process = subprocess.Popen([sys.executable, "-m", "agent.cli", "--profile", "tiny", "--config", str(config),
+    process = subprocess.Popen([sys.executable, "-m", "agent.cli.main", "--profile", "tiny", "--config", str(config),
                                 "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
@@ -451,7 +451,7 @@ def test_signalgraph_serve_listens_on_loopback_with_a_key_from_the_environment(t
 
 def test_the_servers_turn_queue_runs_sessions_at_once_and_each_session_in_order():
     """The queue is what lets the decode scheduler see several turns at once."""
-    from agent.server import TurnQueue
+    from agent.server.turn_queue import TurnQueue
 
     queue = TurnQueue(size=0, workers=3)
     running, most, log = set(), [0], []
@@ -480,7 +480,7 @@ def test_the_servers_turn_queue_runs_sessions_at_once_and_each_session_in_order(
 
 
 def test_a_sessions_waiting_turns_leave_the_workers_to_other_sessions():
-    from agent.server import TurnQueue
+    from agent.server.turn_queue import TurnQueue
 
     queue = TurnQueue(size=4, workers=2)
     gate, started = threading.Event(), threading.Event()

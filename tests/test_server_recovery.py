@@ -11,7 +11,7 @@ import sqlite3
 
 import httpx
 
-from agent.bench_serving import ServeProcess, session_turns, stream_turn
+from agent.bench.serving import ServeProcess, session_turns, stream_turn
 
 SESSION = "kept-across-a-crash"
 

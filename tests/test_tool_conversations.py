@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from agent.proofs import tool_conversation_lines
-from agent.tool_requests import ARGUMENT, FILLS, TEMPLATES, requests, tool_result
+from agent.proofs.choosing import tool_conversation_lines
+from agent.proofs.tool_requests import ARGUMENT, FILLS, TEMPLATES, requests, tool_result
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))

@@ -12,8 +12,7 @@ from PIL import Image, ImageDraw
 
 from models.errors import ConfigError
 from models.mmllm import MMLLM
-from models.training import (DatasetError, StageSpec, TrainConfig, apply_stage, read_manifest,
-                             tokenize)
+from models.training import DatasetError, StageSpec, TrainConfig, apply_stage, read_manifest, tokenize
 from models.training.features import ExampleDataset, FeatureCache, precompute
 from models.training.trainer import evaluate, normalise_answer, pt_throughput, run_stage, train
 
@@ -82,7 +81,8 @@ def test_only_assistant_tokens_carry_loss(tiny_backbone, data):
             assert label == token
             current.append(token)
         elif current:
-            spans.append(decode(current)); current = []
+            spans.append(decode(current))
+            current = []
     assert spans == ["red<|im_end|>", "circle<|im_end|>"]
     unlabelled = decode([t for t, lab in zip(ids, labels) if lab == -100])
     assert "Be brief." in unlabelled and "What colour is it?" in unlabelled and "red" not in unlabelled
@@ -222,7 +222,7 @@ def test_answers_match_whole_or_by_the_last_word():
 
 
 def test_the_seeing_breakdown_counts_the_rarer_yes_no_answers():
-    from agent.proofs import by_kind
+    from agent.proofs.seeing import by_kind
 
     rows = [("What color is it?", "red", True), ("What shape is it?", "circle", False),
             ("Is there a red shape?", "no", True), ("Is there a red shape?", "yes", False),
@@ -235,7 +235,7 @@ def test_the_seeing_breakdown_counts_the_rarer_yes_no_answers():
 
 
 def test_the_seeing_proof_adapts_every_linear_layer_of_the_backbone(tmp_path, tiny_backbone):
-    from agent.proofs import SEEING_LORA, seeing_profile
+    from agent.proofs.seeing import SEEING_LORA, seeing_profile
     from models.profiles import load_profile
     from models.specs import LoraSpec
 

@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 import soundfile
 import uvicorn
-from PIL import Image
-
 from langchain_core.tools import StructuredTool
+from PIL import Image
 from pydantic import BaseModel
 
 from agent.config import AgentConfig
 from agent.runtime import Runtime
-from agent.server import create_app
+from agent.server.app import create_app
 from graphs.scripted import ScriptedThinker
 from graphs.thinker import ThinkResult
 
@@ -66,7 +65,8 @@ def draw(*calls: str) -> ScriptedThinker:
     AudioLDM-2 is slow on a CPU), then says so."""
     args = {"generate_image": {"prompt": "a blue square"}, "generate_audio": {"prompt": "a beep", "seconds": 0.5}}
     return ScriptedThinker(*[ThinkResult("", [{"id": f"call-{name}", "name": name, "args": args[name]}])
-                             for name in calls], ThinkResult("Here is a new blue square, image-2, and the beep, audio-2."))
+                             for name in calls],
+                           ThinkResult("Here is a new blue square, image-2, and the beep, audio-2."))
 
 
 def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profile, browser):
@@ -88,7 +88,8 @@ def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profi
         page.click("#send")
         reply = page.wait_for_selector(".msg.assistant.done", timeout=180_000)
 
-        assert reply.query_selector(".text").inner_text() == "Here is a new blue square, image-2, and the beep, audio-2."  # links became media
+        text = reply.query_selector(".text").inner_text()
+        assert text == "Here is a new blue square, image-2, and the beep, audio-2."  # links became media
         image = reply.query_selector("img.generated")
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image)
         sound = reply.query_selector("audio.generated")

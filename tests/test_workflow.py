@@ -368,7 +368,7 @@ def test_a_run_that_another_live_process_runs_is_not_run_twice(tmp_path, runner_
 
 
 def cli(config: Path, *args: str, wait: bool = True, out: Path | None = None):
-    command = [sys.executable, "-m", "agent.cli", "--config", str(config), *args]
+    command = [sys.executable, "-m", "agent.cli.main", "--config", str(config), *args]
     if not wait:
         return subprocess.Popen(command, cwd=ROOT, stdout=out.open("w"), stderr=subprocess.STDOUT)
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)

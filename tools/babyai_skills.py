@@ -20,8 +20,18 @@ from minigrid.core.actions import Actions
 from pydantic import ConfigDict, Field, create_model
 
 from models.errors import ConfigError
-from tools.babyai_world import (CARRIABLE, LOCATION_WORDS, OBJECT_TYPES, GridMap, Pose, Thing, descriptions,
-                                path_still_clear, phrases, plan_path)
+from tools.babyai_world import (
+    CARRIABLE,
+    LOCATION_WORDS,
+    OBJECT_TYPES,
+    GridMap,
+    Pose,
+    Thing,
+    descriptions,
+    path_still_clear,
+    phrases,
+    plan_path,
+)
 
 _OPEN, _LOCKED = 0, 2  # minigrid's door states
 
@@ -51,7 +61,7 @@ class Episode:
     """One BabyAI episode as the skills see it: the environment, the map of what the agent has
     seen, and the pose it had when the mission was given (BabyAI's 'on your left' refers to it)."""
 
-    def __init__(self, env, seed: int, on_step: Callable[["Episode"], None] | None = None):
+    def __init__(self, env, seed: int, on_step: Callable[[Episode], None] | None = None):
         self.env = env
         self.world = env.unwrapped
         with contextlib.redirect_stdout(io.StringIO()):  # minigrid prints every level sample it rejects

@@ -41,7 +41,7 @@ class Pose:
         dx, dy = DIR_TO_VEC[self.dir]
         return (self.x + int(dx), self.y + int(dy))
 
-    def after(self, action: int) -> "Pose":
+    def after(self, action: int) -> Pose:
         """Where a move would take the agent if the cell ahead is free."""
         if action == Actions.left:
             return Pose(self.x, self.y, (self.dir - 1) % 4)

@@ -352,7 +352,8 @@ class MediaStore:
         known = [r.id for r in self.list(session) if r.kind in kinds]
         what = " or ".join(kinds) if kinds != KINDS else "media"
         if looks_like_path(str(media_id)):
-            head = f"{str(media_id)!r} looks like a file path; media are named by ids such as {kinds[0]}-1, never by paths"
+            head = (f"{str(media_id)!r} looks like a file path; media are named by ids such as {kinds[0]}-1, "
+                    "never by paths")
         else:
             head = f"there is no {what} with id {str(media_id)!r} in this session"
         if known:

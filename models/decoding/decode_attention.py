@@ -37,7 +37,8 @@ def decode_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if step_layout is not None:
         return _packed_step(module, query, key, value, attention_mask, scale, step_layout), None
-    if query.shape[2] != 1 or (dropout and module.training) or (attention_mask is not None and attention_mask.dtype == torch.bool):
+    boolean_mask = attention_mask is not None and attention_mask.dtype == torch.bool
+    if query.shape[2] != 1 or (dropout and module.training) or boolean_mask:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     return _one_query_per_row(query, key, value, attention_mask, scale)[:, None], None

@@ -7,7 +7,7 @@ layer itself (SmolLM2 with r=8 adapters on q/k/v/o decodes about 2.7x slower tha
 decode copy folds B·A into W once, in a module tree that shares the model's other weights (a
 merge writes only into the adapted layers and the embedding). On a CPU in fp32 its linear layers
 then hold their weights packed, a second copy of them that makes a batch of rows cheap. A copy
-in another dtype (bf16, which agent/bench_decode.py measures against fp32) is a full copy.
+in another dtype (bf16, which agent/bench/decode.py measures against fp32) is a full copy.
 
 A copy is rebuilt when any of the model's weights change in place (training steps, loading
 adapters): tensors count their in-place writes, and the sum of those counts is the copy's key.
@@ -25,8 +25,8 @@ from torch import nn
 from models.decoding.decode_attention import NAME, use_decode_attention
 from models.decoding.packed_linear import pack_linears, packable
 
-_copies: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_views: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+_copies: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_views: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 

@@ -43,7 +43,7 @@ class _RowsLayer(DynamicLayer):
     step's keys and values where the owner's layout puts them and returns every row in use up to
     the step's column."""
 
-    def __init__(self, owner: "RowCache"):
+    def __init__(self, owner: RowCache):
         super().__init__()
         self.owner = owner
         self.k_buf: torch.Tensor | None = None

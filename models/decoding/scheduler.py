@@ -20,9 +20,10 @@ import inspect
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -30,7 +31,6 @@ from models.decoding.decode_copy import attention_view
 from models.decoding.prefix_cache import PrefixCache, token_prefix
 from models.decoding.row_cache import Joining, RowCache
 from models.errors import SignalgraphError
-
 
 # Prompt positions that may join one step: a longer prompt joins alone, and the running rows wait
 # that one step for it (about 0.7 s for 512 positions of SmolLM2 on 2 CPU cores).

@@ -40,9 +40,9 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from models.backbone import PLACEHOLDERS, SIGNAL_PREFIXES
 from models.errors import SignalgraphError
@@ -86,7 +86,7 @@ def _signal_starts(text: str, modality: str) -> int:
 
 
 def _has_signal(text: str) -> bool:
-    return bool(re.search(r"\[(%s)\d+\]" % "|".join(SIGNAL_PREFIXES.values()), text))
+    return bool(re.search(r"\[(" + "|".join(SIGNAL_PREFIXES.values()) + r")\d+\]", text))
 
 
 def _problems(obj: object, base: Path, check_files: bool) -> tuple[list[str], Record | None]:
@@ -361,7 +361,6 @@ def easy_vqa_shapes(split: str) -> list[tuple[str, str, str]]:
     name both; an image shows one shape of one colour, so its caption is "a <colour> <shape>"."""
     import easy_vqa
 
-    from models.training.shape_judge import COLORS, SHAPES
 
     if split not in ("train", "test"):
         raise DatasetError(f"easy-vqa has splits 'train' and 'test', not {split!r}")

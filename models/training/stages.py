@@ -15,9 +15,10 @@ file a profile's `projector_weights` points to always fits the adapters that pro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
@@ -94,7 +95,7 @@ class StageSpec(_Spec):
         return data
 
     @model_validator(mode="after")
-    def _length(self) -> "StageSpec":
+    def _length(self) -> StageSpec:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either steps or epochs, not both")
         if self.steps is None and self.epochs is None:
@@ -125,7 +126,7 @@ class TrainConfig(_Spec):
     backbone_dtype: DType = "float32"
 
     @model_validator(mode="after")
-    def _stages(self) -> "TrainConfig":
+    def _stages(self) -> TrainConfig:
         if not self.stages:
             raise ValueError("a training config needs at least one stage (pt, it)")
         names = [s.name for s in self.stages]
@@ -137,21 +138,21 @@ class TrainConfig(_Spec):
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         """Read a config file; relative data, output and cache paths are taken from its folder."""
         path = Path(path).expanduser()
         data = read_mapping(path, "training config: profile, stages, out_dir")
         return cls.from_dict(data, base=path.parent, where=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, *, base: Path | None = None, where: str = "the training config") -> "TrainConfig":
+    def from_dict(cls, data: dict, *, base: Path | None = None, where: str = "the training config") -> TrainConfig:
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{where} is invalid: {problems(exc)}") from None
         return config.resolved(base) if base is not None else config
 
-    def resolved(self, base: Path) -> "TrainConfig":
+    def resolved(self, base: Path) -> TrainConfig:
         def fix(p: str) -> str:
             q = Path(p).expanduser()
             return str(q if q.is_absolute() else base / q)

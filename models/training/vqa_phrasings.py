@@ -17,8 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from models.training.data import DatasetError, asked_word, balanced_yes_no, compared_answer, easy_vqa_facts, \
-    yes_no_kind
+from models.training.data import DatasetError, asked_word, balanced_yes_no, compared_answer, easy_vqa_facts, yes_no_kind
 
 # style -> (answer form, training wordings, held-out wordings); {q} is the question
 STYLES: dict[str, tuple[str, list[str], list[str]]] = {

@@ -9,7 +9,7 @@ from pathlib import Path
 from models.errors import UntrainedProjectorError
 from models.profiles import check_ready, load_profile
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
 @contextmanager
@@ -124,7 +124,8 @@ def run_tour(profile_name: str | None, out: str) -> int:
     from models.training.data import easy_vqa_shapes
 
     shape_image = next(item for item in easy_vqa_shapes("test") if item[2] == "circle")  # (path, colour, shape)
-    config = AgentConfig(profile=profile_name, data_dir=data, allowed_dirs=[EXAMPLES.parent, Path(shape_image[0]).parent],
+    config = AgentConfig(profile=profile_name, data_dir=data, allowed_dirs=[EXAMPLES.parent,
+                                                                            Path(shape_image[0]).parent],
                          max_new_tokens=80, max_steps=2, history_turns=1)
     runtime = Runtime(config)
     print(f"profile {runtime.profile.name}: {runtime.profile.description}")
@@ -188,3 +189,7 @@ def _transcript(runtime, result) -> str | None:
 
 def run_demo(profile_name: str | None, out: str, components: bool = False) -> int:
     return run_components(profile_name, out) if components else run_tour(profile_name, out)
+
+
+def demo(args) -> int:
+    return run_demo(args.profile, args.out, components=args.components)

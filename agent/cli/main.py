@@ -1,8 +1,10 @@
-"""The `signalgraph` command. Heavy libraries load inside the commands, so `--help` stays instant."""
+"""The `signalgraph` command: its arguments, and each subcommand's handler (`set_defaults(run=
+"module:function")`). Handlers' modules load only when their command runs, so `--help` stays instant."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -27,10 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     chat = commands.add_parser("chat", help="talk with the assistant; the session persists across runs")
+    chat.set_defaults(run="agent.cli.turns:chat")
     chat.add_argument("--session", default="default", help="session name (resumes it if it exists)")
     chat.add_argument("--trace", action="store_true", help="show each turn's routing decisions")
 
     ask = commands.add_parser("ask", help="one turn, scriptable")
+    ask.set_defaults(run="agent.cli.turns:ask")
     ask.add_argument("question")
     for kind in ("image", "audio", "video"):
         ask.add_argument(f"--{kind}", action="append", metavar="PATH", help=f"attach {kind} (repeatable)")
@@ -41,12 +45,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="approve the actions that ask for confirmation (default: ask on a terminal)")
 
     plan = commands.add_parser("plan", help="plan tasks over the tools for a request, check them, run them")
+    plan.set_defaults(run="agent.cli.plans:plan")
     plan.add_argument("request")
     for kind in ("image", "audio"):
         plan.add_argument(f"--{kind}", action="append", metavar="PATH", help=f"attach {kind} (repeatable)")
     plan.add_argument("--json", action="store_true", help="print the plan and each task's result as JSON")
 
     kb = commands.add_parser("kb", help="the knowledge base used for retrieval")
+    kb.set_defaults(run="agent.cli.turns:kb")
     kb_sub = kb.add_subparsers(dest="action", metavar="ACTION", required=True)
     kb_add = kb_sub.add_parser("add", help="ingest text, Markdown, PDF, audio and image files or folders")
     kb_add.add_argument("paths", nargs="+")
@@ -55,21 +61,25 @@ def _parser() -> argparse.ArgumentParser:
     kb_search.add_argument("-k", type=int, default=5)
 
     sessions = commands.add_parser("sessions", help="list sessions, or delete one")
+    sessions.set_defaults(run="agent.cli.turns:sessions")
     sessions_sub = sessions.add_subparsers(dest="action", metavar="ACTION")
     delete = sessions_sub.add_parser("delete", help="delete a session, its messages and its media")
     delete.add_argument("name")
 
     train = commands.add_parser("train", help="MM pre-training then instruction tuning, from a YAML config")
+    train.set_defaults(run="agent.cli.train:train")
     train.add_argument("config", help="training config YAML (profile, stages, data, out_dir)")
     train.add_argument("--resume", action="store_true", help="continue each unfinished stage from its last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start again over an earlier run in out_dir")
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy on a JSONL manifest (VQA-style)")
+    evaluate.set_defaults(run="agent.cli.train:evaluate")
     evaluate.add_argument("manifest")
     evaluate.add_argument("--blind", action="store_true", help="drop the media: the baseline to beat")
     evaluate.add_argument("--limit", type=int)
 
     proof = commands.add_parser("proof", help="the training proofs, each one command (see README)")
+    proof.set_defaults(run="agent.cli.proof:proof")
     proof.add_argument("which", choices=["seeing", "drawing", "choosing", "joint", "assistant"],
                        help="joint: one model trained on all three; assistant: the local profile's weights, "
                             "retrained from joint's to answer people")
@@ -84,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks against their baselines, written under --out; without "
                                               "a suite, the full report (report.md, report.json, plots)")
+    bench.set_defaults(run="agent.cli.bench:bench")
     bench.add_argument("suite", nargs="?", choices=["controller", "load"],
                        help="controller: the controller's figures alone; load: the load test alone")
     bench.add_argument("--out", default="results/bench")
@@ -101,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
     embodied = commands.add_parser("embodied", help="plan skills in BabyAI with the backbone, against a random "
                                                     "policy and the BabyAI bot")
+    embodied.set_defaults(run="agent.cli.embodied:embodied")
     embodied.add_argument("--env", action="append", metavar="LEVEL",
                           help="a BabyAI level, e.g. BabyAI-GoToLocal-v0 (repeatable; default BabyAI-GoToLocal-v0)")
     embodied.add_argument("--episodes", type=int, default=50, help="episodes per level and policy")
@@ -110,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                                                              "(the first failure is drawn too)")
 
     models = commands.add_parser("models", help="list the active profile's models, or prepare them")
+    models.set_defaults(run="agent.cli.models:models")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION")
     prepare = models_sub.add_parser("prepare", help="make every model of the profile ready (progress bars)")
     prepare.add_argument("--download", action="store_true",
@@ -117,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a workflow file; every step is checkpointed, so a run resumes "
                                           "after a crash (see `runs`)")
+    run.set_defaults(run="agent.cli.workflows:run")
     run.add_argument("workflow", nargs="?", help="workflow YAML (steps: tool calls, prompts, approvals)")
     run.add_argument("--input", action="append", default=[], metavar="KEY=VALUE", help="a workflow input (repeatable)")
     run.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last completed step")
@@ -125,14 +139,17 @@ def _parser() -> argparse.ArgumentParser:
     answer.add_argument("--reject", action="store_true", help="with --resume: say no (the run stops)")
 
     runs = commands.add_parser("runs", help="workflow runs with their state and step, or one run's step log")
+    runs.set_defaults(run="agent.cli.workflows:runs")
     runs.add_argument("run_id", nargs="?")
     runs.add_argument("--json", action="store_true")
 
     demo = commands.add_parser("demo", help="a scripted tour through the controller on the active profile, offline")
+    demo.set_defaults(run="agent.cli.demo:demo")
     demo.add_argument("--out", default="results/demo", help="folder for the files the demo writes")
     demo.add_argument("--components", action="store_true", help="instead, run each model of the profile on its own")
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API and a web chat (at /)")
+    serve.set_defaults(run="agent.cli.serve:serve")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API; "
@@ -152,83 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from models.errors import SignalgraphError
 
+    module, _, function = args.run.partition(":")
     try:
-        if args.command == "models":
-            from agent.model_commands import list_models, prepare_models
-
-            if args.action == "prepare":
-                return prepare_models(args.profile, download=args.download)
-            return list_models(args.profile)
-        if args.command in ("chat", "ask", "kb", "sessions"):
-            from agent import turn_commands
-
-            return getattr(turn_commands, args.command)(args)
-        if args.command in ("train", "eval"):
-            from agent import train_commands
-
-            return (train_commands.train if args.command == "train" else train_commands.evaluate)(args)
-        if args.command == "proof":
-            from agent import proofs
-
-            out = args.out or f"results/proofs/{args.which}"
-            if args.which == "choosing":
-                return proofs.choosing(out, resume=args.resume)
-            if args.which == "drawing":
-                from agent.proof_drawing import drawing
-
-                return drawing(out, resume=args.resume)
-            steps = {k: v for k, v in (("pt_steps", args.pt_steps), ("it_steps", args.it_steps)) if v is not None}
-            if args.which == "assistant":
-                from agent.proof_assistant import assistant
-
-                steps.pop("pt_steps", None)  # it starts from trained weights: IT only
-                return assistant(out, **steps, resume=args.resume, install_weights=args.install)
-            if args.which == "joint":
-                from agent.proof_joint import joint
-
-                if "pt_steps" in steps:
-                    steps["seeing_pt_steps"] = steps.pop("pt_steps")
-                return joint(out, **steps, test_questions=args.test_questions, resume=args.resume,
-                             install_weights=args.install)
-            return proofs.seeing(out, **steps, test_questions=args.test_questions, resume=args.resume)
-        if args.command == "bench":
-            if args.suite == "controller":
-                from agent.bench import run
-
-                from models.errors import ConfigError
-
-                parts = ["overhead", "overhead-local", "validity", "parallel", "plan"]
-                if set(args.only or []) - set(parts):
-                    raise ConfigError(f"bench controller --only takes {', '.join(parts)} (got {', '.join(args.only)})")
-                return run(args.out, turns=args.turns or 50, prompts=args.prompts, only=args.only)
-            if args.suite == "load":
-                from agent.bench_load import run
-
-                return run(args.out, args.profile, sessions=args.sessions, seconds=args.seconds)
-            from agent.bench_report import run
-
-            return run(args.out, args.profile, only=args.only, quick=args.quick, turns=args.turns,
-                       sessions=args.sessions, seconds=args.seconds)
-        if args.command == "plan":
-            from agent.plan_commands import plan
-
-            return plan(args)
-        if args.command in ("run", "runs"):
-            from agent import workflow_commands
-
-            return getattr(workflow_commands, args.command)(args)
-        if args.command == "embodied":
-            from agent.embodied_commands import embodied
-
-            return embodied(args)
-        if args.command == "demo":
-            from agent.demo import run_demo
-
-            return run_demo(args.profile, args.out, components=args.components)
-        if args.command == "serve":
-            from agent.serve_commands import serve
-
-            return serve(args)
+        return getattr(importlib.import_module(module), function)(args)  # the command's module loads now
     except SignalgraphError as exc:
         if getattr(args, "json", False):  # a script reading --json output gets the error there too
             import json
@@ -239,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

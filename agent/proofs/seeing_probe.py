@@ -7,7 +7,7 @@ many "yes" as "no" answers, so that only the comparison scores above chance. It 
 shape for a few steps and scores held-out test questions: which adapter learns the comparison at
 all, in minutes rather than a whole proof's hour.
 
-    python -m agent.seeing_probe --out DIR [--lora attention|all] [--lr 2e-4] [--steps 120] [--explain]
+    python -m agent.proofs.seeing_probe --out DIR [--lora attention|all] [--lr 2e-4] [--steps 120] [--explain]
 
 `--lora attention`: rank 8 on q/k/v/o (the adapter's default shape); `all`: the seeing proof's
 (rank 16 on every linear layer). `--explain` trains answers that spell the comparison out
@@ -21,6 +21,7 @@ import json
 import random
 import time
 from pathlib import Path
+
 
 def probe_lines(split: str, count: int, *, explain: bool, seed: int = 0) -> list[dict]:
     """Up to `count` manifest lines of `split`'s yes/no questions, the fact stated in the question."""
@@ -51,7 +52,7 @@ def probe_lines(split: str, count: int, *, explain: bool, seed: int = 0) -> list
 
 def probe(out: str, *, lora: dict, lr: float, steps: int, explain: bool, batch_size: int = 16,
           test_questions: int = 400) -> dict:
-    from agent.proofs import seeing_profile
+    from agent.proofs.seeing import seeing_profile
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from models.training.stages import TrainConfig
@@ -86,10 +87,10 @@ def probe(out: str, *, lora: dict, lr: float, steps: int, explain: bool, batch_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agent.proofs import SEEING_LORA
+    from agent.proofs.seeing import SEEING_LORA
     from models.specs import LoraSpec
 
-    parser = argparse.ArgumentParser(prog="python -m agent.seeing_probe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m agent.proofs.seeing_probe", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--lora", choices=["attention", "all"], default="all")
     parser.add_argument("--lr", type=float, default=5e-4)

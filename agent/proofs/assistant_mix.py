@@ -5,7 +5,7 @@ meet it in.
 - tools: sessions of requests, each call followed by the tool's own sentence and the reply that
   states it (the turn after a result, HuggingGPT's response stage), and single requests;
 - drawing: requests answered with the model's own signal tokens;
-- plans: multi-step requests answered with a plan call (agent/plan_requests.py);
+- plans: multi-step requests answered with a plan call (agent/proofs/plan_requests.py);
 - self-description: "what can you do?" answered from the tools and skills the prompt lists;
 - kept knowledge: everyday prompts answered by the untrained backbone itself (self-distillation).
 
@@ -20,8 +20,8 @@ import json
 import random
 from pathlib import Path
 
-from agent.plan_requests import plan_requests
-from agent.proofs import tool_conversation_lines, tool_use_lines
+from agent.proofs.choosing import tool_conversation_lines, tool_use_lines
+from agent.proofs.plan_requests import plan_requests
 from graphs.capabilities import SKILL_WORDS, describe
 from graphs.thinker import system_prompt
 
@@ -122,7 +122,7 @@ def assistant_mix(data: Path, *, schemas: list[dict], skills: list[str], draw_it
                   teacher: list[tuple[str, str]], counts: dict[str, int], seed: int = 0) -> list[dict]:
     """The mixed, shuffled manifest lines. `counts` has seeing, tool_sessions, tool_lines, drawing,
     plans, capabilities (general comes from `teacher`)."""
-    from agent.tool_requests import own_drawing, requests
+    from agent.proofs.tool_requests import own_drawing, requests
     from models.training.vqa_phrasings import varied_vqa_manifest
 
     rng = random.Random(seed)

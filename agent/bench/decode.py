@@ -17,7 +17,7 @@
   prompt reuses the keys and values of what it shares with finished ones (the chat template's
   system prompt), each side on a scheduler and prefix cache of its own.
 
-    python -m agent.bench_decode [--profile local] [--sessions 1 2 4 8] [--tokens 48] [--queued 48]
+    python -m agent.bench.decode [--profile local] [--sessions 1 2 4 8] [--tokens 48] [--queued 48]
 """
 
 from __future__ import annotations
@@ -242,7 +242,8 @@ def _sustained(model, mm, prompts, sessions, new_tokens, timed, cut, processors,
     def server() -> tuple[DecodeScheduler, PrefixCache]:
         prefixes = PrefixCache()
         return DecodeScheduler(model, stop_ids=mm.decoder.stop_ids, max_batch=sessions, prefix_cache=prefixes,
-                               on_step=count, on_join=lambda n: counts.__setitem__("joins", counts["joins"] + 1)), prefixes
+                               on_step=count, on_join=lambda n: counts.__setitem__("joins",
+                                                                                   counts["joins"] + 1)), prefixes
 
     def ask(scheduler, i: int) -> list[int]:
         return cut(scheduler.submit(DecodeRequest(embeds[i], new_tokens, processors(), token_ids=ids[i])).result())
@@ -357,7 +358,7 @@ def _second_turns(mm, model, prompts, answers, new_tokens, cut, processors) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.bench_decode", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m agent.bench.decode", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="local")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per request at most")

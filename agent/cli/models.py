@@ -57,3 +57,9 @@ def prepare_models(profile_name: str | None, *, download: bool) -> int:
         print("some models are not ready:\n  " + "\n  ".join(failures))
         return 1
     return 0
+
+
+def models(args) -> int:
+    if args.action == "prepare":
+        return prepare_models(args.profile, download=args.download)
+    return list_models(args.profile)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHIPPED_CLIP = Path(__file__).resolve().parents[1] / "examples" / "data" / "question.wav"
+SHIPPED_CLIP = Path(__file__).resolve().parents[2] / "examples" / "data" / "question.wav"
 SENTENCES = ["The quick brown fox jumps over the lazy dog.",
              "Please send the weekly report to the team before Friday morning."]
 

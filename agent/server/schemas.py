@@ -1,6 +1,6 @@
 """The OpenAI chat-completions wire format, as far as Signalgraph speaks it, and its errors.
 
-Requests are validated here; responses are plain dicts built by `agent.server`. Fields OpenAI
+Requests are validated here; responses are plain dicts built by `agent.server.app`. Fields OpenAI
 defines that change nothing here (temperature, top_p, ...) are accepted and ignored: decoding is
 greedy. Those that ask for what this server cannot do (`n` > 1, logprobs, audio output, ...) are
 refused with 400 naming the parameter. Unknown fields are ignored, so newer clients keep working.

@@ -16,7 +16,7 @@ def serve(args) -> int:
         raise ConfigError(f"--max-concurrency must be 1 or more (got {args.max_concurrency})")
     import uvicorn
 
-    from agent.server import create_app
+    from agent.server.app import create_app
 
     config = load_config(args.config)
     if args.profile:

@@ -1,12 +1,12 @@
 """`signalgraph proof assistant`: the `local` weights retrained to answer people, from the shipped ones.
 
 It continues from the joint proof's weights (models/trained/joint: seeing, drawing, choosing),
-so its recipe fits a CPU session: no PT, one IT on the assistant mix (agent/assistant_mix.py:
+so its recipe fits a CPU session: no PT, one IT on the assistant mix (agent/proofs/assistant_mix.py:
 instruction variety for seeing, the turn after a tool's result, plans, self-description, and the
 untrained backbone's own answers to everyday prompts). The shipped adapter (rank 8 on attention)
 is widened to rank 24 on every linear layer first (models/training/lora_widen.py): the same model
 at the start, more room for the new skills. `--install` writes the result to models/trained/local.
-Measure it with `python -m agent.assistant_eval` (through the HTTP API, on held-out phrasings).
+Measure it with `python -m agent.proofs.assistant_eval` (through the HTTP API, on held-out phrasings).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from agent.proof_joint import JOINT_DIR, LOCAL_DIR, install
+from agent.proofs.joint import JOINT_DIR, LOCAL_DIR, install
 from models.specs import LoraSpec
 
 SHIPPED_LORA = LoraSpec(r=8, alpha=16)
@@ -32,8 +32,8 @@ def _start(out_dir: Path, general: int, seed: int) -> tuple[Path, list[tuple[str
     answers to everyday prompts; all kept in `out_dir`, so a resumed run reuses them."""
     from safetensors.torch import load_file, save_file
 
-    from agent.assistant_mix import teacher_answers
-    from agent.general_questions import training_prompts
+    from agent.proofs.assistant_mix import teacher_answers
+    from agent.proofs.general_questions import training_prompts
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from models.training.lora_widen import widen_lora
@@ -57,8 +57,8 @@ def _start(out_dir: Path, general: int, seed: int) -> tuple[Path, list[tuple[str
 
 def assistant(out: str, *, it_steps: int = 90, batch_size: int = 16, lr: float = 3e-4, resume: bool = False,
               install_weights: bool = False, seed: int = 0) -> int:
-    from agent.assistant_mix import assistant_mix
-    from agent.proof_drawing import _manifests
+    from agent.proofs.assistant_mix import assistant_mix
+    from agent.proofs.drawing import _manifests
     from graphs.capabilities import SKILL_WORDS
     from models.profiles import load_profile
     from models.training.stages import TrainConfig
@@ -86,13 +86,14 @@ def assistant(out: str, *, it_steps: int = 90, batch_size: int = 16, lr: float =
         "lr": lr,
         "group_by_length": True, "log_every": 5, "checkpoint_every": 10, "seed": seed + 1}]}),
         resume=resume, overwrite=not resume)
-    report = {"it_data": {**COUNTS, "general": min(len(teacher), COUNTS["general"])}, "it_steps": it_steps, "batch_size": batch_size,
+    report = {"it_data": {**COUNTS, "general": min(len(teacher), COUNTS["general"])}, "it_steps": it_steps,
+              "batch_size": batch_size,
               "lr": lr, "adapter": ASSISTANT_LORA.model_dump(), "started_from": "models/trained/joint",
               "trained_minutes": round((time.perf_counter() - started) / 60, 1), "device": _device(),
               "trainable": {"it": tuned.stages["it"].counts}, "profile": str(tuned.profile)}
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"\nassistant: IT {it_steps} x {batch_size} in {report['trained_minutes']} min on {report['device']}; "
-          f"profile {tuned.profile}. Measure it: python -m agent.assistant_eval --profile {tuned.profile}")
+          f"profile {tuned.profile}. Measure it: python -m agent.proofs.assistant_eval --profile {tuned.profile}")
     if install_weights:
         where = install(tuned.weights, out_dir / "generator", report, LOCAL_DIR)
         print(f"installed the local profile's weights in {where}")

@@ -80,7 +80,7 @@ def tool_call_validity(count: int, work_dir: Path) -> dict:
     constraint_args = dict(force_tool_call=True)
     parsed = right = valid_args = 0
     rows = []
-    from agent.tool_requests import requests
+    from agent.proofs.tool_requests import requests
 
     for item in requests(count, split="heldout", single_only=True):
         request, expected = item["request"], item["calls"][0]["name"]
@@ -202,7 +202,8 @@ def run(out: str, *, turns: int = 50, prompts: int = 120, only: list[str] | None
                          f"{r['overhead_ratio']:.2%} |")
     if "validity" in results:
         r = results["validity"]
-        lines.append(f"| tool calls parse (SmolLM2, constrained, {r['prompts']} prompts) | {r['parse_rate']:.0%} | — | — |")
+        lines.append(f"| tool calls parse (SmolLM2, constrained, {r['prompts']} prompts) | {r['parse_rate']:.0%} "
+                     "| — | — |")
         lines.append(f"| right tool, same prompts | {r['right_tool_rate']:.1%} | {r['chance_rate']:.1%} chance | "
                      f"{r['right_tool_rate'] / r['chance_rate']:.1f}x |")
     if "parallel" in results:

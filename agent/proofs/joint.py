@@ -18,11 +18,12 @@ import shutil
 import time
 from pathlib import Path
 
-from agent.proof_drawing import _grid, _manifests, draw_all, drawing_profile, generator_and_judge, pt_stage
-from agent.proofs import choose_rates, seeing_pt_stage, test_sample, tool_use_lines
-from agent.tool_requests import own_drawing
+from agent.proofs.choosing import choose_rates, tool_use_lines
+from agent.proofs.drawing import _grid, _manifests, draw_all, drawing_profile, generator_and_judge, pt_stage
+from agent.proofs.seeing import seeing_pt_stage, test_sample
+from agent.proofs.tool_requests import own_drawing
 
-TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained"
+TRAINED = Path(__file__).resolve().parents[2] / "models" / "trained"
 JOINT_DIR = TRAINED / "joint"  # what `--install` writes; `proof assistant` starts from it
 LOCAL_DIR = TRAINED / "local"  # the `local` profile's weights (`proof assistant --install`)
 ONE_WORD = " Answer with one word."
@@ -48,7 +49,7 @@ def merge_pt(seeing: Path, drawing: Path, out: Path, new_token_ids: list[int], s
 def mixed_lines(vqa: Path, draw_it: Path, schemas: list[dict], counts: dict[str, int], seed: int) -> list[dict]:
     """The joint IT data: easy-vqa questions, drawing requests and tool requests; a quarter of the
     first two in the controller's prompt format, where the tool list is shown."""
-    from agent.tool_requests import requests
+    from agent.proofs.tool_requests import requests
     from graphs.thinker import system_prompt
 
     rng = random.Random(seed)
@@ -84,7 +85,8 @@ def install(weights: Path, pipeline: Path, report: dict, dest: Path) -> Path:
     dest.mkdir(parents=True)
     state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     save_file(state, str(dest / "trained.safetensors"))
-    StableDiffusionPipeline.from_pretrained(str(pipeline), torch_dtype=torch.float16).save_pretrained(dest / "generator")
+    StableDiffusionPipeline.from_pretrained(str(pipeline),
+                                            torch_dtype=torch.float16).save_pretrained(dest / "generator")
     (dest / "results.json").write_text(json.dumps(report, indent=2, default=str))
     return dest
 
@@ -92,7 +94,7 @@ def install(weights: Path, pipeline: Path, report: dict, dest: Path) -> Path:
 def joint(out: str, *, seeing_pt_steps: int = 300, drawing_pt_steps: int = 150, it_steps: int = 900,
           batch_size: int = 16, seeds: int = 4, test_questions: int = 1000, resume: bool = False,
           install_weights: bool = False, seed: int = 0) -> int:
-    from agent.tool_requests import requests
+    from agent.proofs.tool_requests import requests
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from models.training.data import easy_vqa_manifest
@@ -118,14 +120,16 @@ def joint(out: str, *, seeing_pt_steps: int = 300, drawing_pt_steps: int = 150, 
     seeing_pt = run("local-untrained", out_dir / "seeing", seeing_pt_stage(vqa, seeing_pt_steps, batch_size, seed))
     draw_pt, draw_it = _manifests(data, 2400, seed)
     drawing_file = drawing_profile(out_dir / "drawing", cfg)
-    drawing_pt = run(str(drawing_file), out_dir / "drawing" / "run", pt_stage(draw_pt, drawing_pt_steps, batch_size, seed))
+    drawing_pt = run(str(drawing_file), out_dir / "drawing" / "run", pt_stage(draw_pt, drawing_pt_steps, batch_size,
+                                                                              seed))
 
     base = MMLLM.from_profile(load_profile(str(drawing_file)), require_trained=False)
     merge_pt(seeing_pt.weights, drawing_pt.weights, out_dir / "start.safetensors",
                      base.backbone.new_token_ids, base.backbone.signal_ids["image"])
     del base
     start_profile = out_dir / "start.yaml"
-    start_profile.write_text(f"extends: {json.dumps(str(drawing_file.resolve()))}\nprojector_weights: start.safetensors\n")
+    start_profile.write_text(f"extends: {json.dumps(str(drawing_file.resolve()))}\n"
+                             "projector_weights: start.safetensors\n")
     schemas = tool_schemas(build_tools(ToolContext("joint", load_profile("local-untrained"),
                                                    MediaStore(out_dir / "media"))))
     mix = data / "joint-it.jsonl"

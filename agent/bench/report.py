@@ -4,7 +4,7 @@ Writes `report.md` (the table, with the machine it ran on), `report.json` (rows 
 and a PNG per benchmark whose result and baseline are numbers, and prints the table. Each row is
 `{"benchmark", "setting", "value", "unit", "baseline", "ratio"}`; `ratio` is value / baseline.
 
-    decode      tokens/s against plain `generate` (agent/bench_decode.py)
+    decode      tokens/s against plain `generate` (agent/bench/decode.py)
     controller  the controller's overhead share of a turn; parallel tools and plan waves vs sequential
     retrieval   the knowledge base's search latency p50/p95 and recall@10 vs exact search, 10k and 100k chunks
     asr         the transcriber's real-time factor
@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from models.errors import ConfigError
@@ -44,13 +44,13 @@ def _ratio(value: float, baseline: float) -> float | None:
 
 
 def decode_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
-    from agent.bench_decode import decode_benchmarks
+    from agent.bench.decode import decode_benchmarks
 
     return decode_benchmarks(profile_name=profile, quick=quick), {}
 
 
 def controller_rows(profile: str, quick: bool, work: Path, turns: int | None) -> tuple[list[dict], dict]:
-    from agent.bench import controller_overhead, parallel_tools, plan_waves
+    from agent.bench.controller import controller_overhead, parallel_tools, plan_waves
 
     turns = turns or (3 if quick else 50 if profile == "tiny" else 10)
     overhead = controller_overhead(turns, work, profile)
@@ -73,7 +73,7 @@ def controller_rows(profile: str, quick: bool, work: Path, turns: int | None) ->
 
 
 def retrieval_rows(quick: bool, work: Path) -> tuple[list[dict], dict]:
-    from agent.bench_retrieval import retrieval
+    from agent.bench.retrieval import retrieval
 
     sizes, queries = ((1_000, 2_000), 20) if quick else ((10_000, 100_000), 100)
     rows, raw = [], {}
@@ -91,7 +91,7 @@ def retrieval_rows(quick: bool, work: Path) -> tuple[list[dict], dict]:
 
 
 def asr_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
-    from agent.bench_asr import asr
+    from agent.bench.asr import asr
 
     r = asr(profile, repeats=1 if quick else 3)
     setting = f"{r['transcriber']}, {r['clips']} clip{'s' * (r['clips'] > 1)} ({r['audio_s']} s of audio), " \
@@ -101,7 +101,7 @@ def asr_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
 
 
 def cold_start_rows(profile: str, work: Path) -> tuple[list[dict], dict]:
-    from agent.bench_serving import cold_start
+    from agent.bench.serving import cold_start
 
     r = cold_start(profile, work)
     return [
@@ -134,7 +134,7 @@ def training_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
 
 
 def load_rows(profile: str, quick: bool, work: Path, sessions: int, seconds: float) -> tuple[list[dict], dict]:
-    from agent.bench_load import load_test, plot_rss
+    from agent.bench.load import load_test, plot_rss
 
     if quick:
         sessions, seconds = min(sessions, 4), min(seconds, 3.0)
@@ -169,13 +169,13 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip()
+                                cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "gpu": gpu, "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "python": platform.python_version(), "torch": torch.__version__, "commit": commit,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def _number(value) -> str:

@@ -1,4 +1,4 @@
-"""`python -m agent.assistant_eval`: the assistant measured as a person meets it.
+"""`python -m agent.proofs.assistant_eval`: the assistant measured as a person meets it.
 
 A real `signalgraph serve` (its own empty home, the example notes in its knowledge base) is asked
 through the official `openai` client, on items and phrasings that no training line uses:
@@ -10,7 +10,7 @@ through the official `openai` client, on items and phrasings that no training li
   and arguments (from the turn's trace), and whether the reply states every result;
 - plans: held-out multi-step requests planned by the backbone (`make_plan`, as `signalgraph plan`);
 - caller's tools: function calling with tools the API's caller brings (`tools`), as an app would;
-- general: questions with known answers (agent/general_questions.py), beside any baseline profile;
+- general: questions with known answers (agent/proofs/general_questions.py), beside any baseline profile;
 - self-description: held-out "what can you do?" questions, scored against the session's tools;
 - every reply of every part: none may look like JSON or the controller's markup.
 
@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 AUDIO = ROOT / "examples" / "data" / "question.wav"
 IMAGE = ROOT / "examples" / "data" / "cat.jpg"
 NOTES = ROOT / "examples" / "notes"
@@ -49,7 +49,7 @@ def served(profile: str, log: Path):
     its base URL and stops it afterwards."""
     home = tempfile.mkdtemp(prefix="signalgraph-eval-")
     env = {**os.environ, "SIGNALGRAPH_HOME": home}
-    cli = [sys.executable, "-m", "agent.cli"]
+    cli = [sys.executable, "-m", "agent.cli.main"]
     subprocess.run([*cli, "--profile", profile, "kb", "add", str(NOTES)], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with socket.socket() as s:
@@ -113,7 +113,7 @@ def _many(fn, items: list, desc: str, workers: int = 8) -> list:
 
 
 def seeing(client, count: int, styles: list[str], seed: int = 0) -> dict:
-    from agent.proofs import test_sample
+    from agent.proofs.seeing import test_sample
     from models.training.data import read_manifest
     from models.training.vqa_phrasings import styled_test_lines
 
@@ -139,7 +139,7 @@ def seeing(client, count: int, styles: list[str], seed: int = 0) -> dict:
 def _held_out_tool_items(count: int) -> list[dict]:
     """Held-out tool requests, their media ids mapped onto the attached ones (audio-1, image-1)
     and their topics onto the example notes."""
-    from agent.tool_requests import own_drawing, requests
+    from agent.proofs.tool_requests import own_drawing, requests
 
     items = []
     for item in requests(count * 3, split="heldout", seed=7, mix=(70, 30, 0)):
@@ -272,7 +272,7 @@ def caller_tools(client) -> dict:
 
 
 def general(client, questions: list[tuple[str, tuple[str, ...]]]) -> dict:
-    from agent.general_questions import correct
+    from agent.proofs.general_questions import correct
 
     def one(item):
         question, answers = item
@@ -283,7 +283,7 @@ def general(client, questions: list[tuple[str, tuple[str, ...]]]) -> dict:
 
 
 def capabilities(client) -> dict:
-    from agent.assistant_mix import CAPABILITY_HELD_OUT
+    from agent.proofs.assistant_mix import CAPABILITY_HELD_OUT
     from graphs.capabilities import TOOL_WORDS
 
     def one(question):
@@ -297,7 +297,7 @@ def capabilities(client) -> dict:
 
 
 def plans(profile: str, count: int) -> dict:
-    from agent.plan_requests import plan_requests, right_tools
+    from agent.proofs.plan_requests import plan_requests, right_tools
     from graphs.planner import PLAN_MAX_NEW_TOKENS, PlanError, make_plan
     from graphs.thinker import BackboneThinker, ConditioningCache
     from models.mmllm import MMLLM
@@ -317,7 +317,8 @@ def plans(profile: str, count: int) -> dict:
         except PlanError as exc:
             made, error = [], str(exc)
         rows.append({"request": item["request"], "expected": [t["tool"] for t in item["tasks"]],
-                     "made": [t["tool"] for t in made], "right_tools": right_tools(made, item["tasks"]), "error": error})
+                     "made": [t["tool"] for t in made], "right_tools": right_tools(made,
+                                                                                   item["tasks"]), "error": error})
     return {"of": len(rows), "right_tools": round(sum(r["right_tools"] for r in rows) / len(rows), 4), "rows": rows}
 
 
@@ -333,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--styles", nargs="*", default=None, help="default: the four evaluated styles")
     parser.add_argument("--tools", type=int, default=48)
     parser.add_argument("--plans", type=int, default=21)
-    parser.add_argument("--only", action="append", help="seeing, tools, caller_tools, drawing, plans, general, capabilities")
+    parser.add_argument("--only", action="append",
+                        help="seeing, tools, caller_tools, drawing, plans, general, capabilities")
     args = parser.parse_args(argv)
-    from agent.general_questions import HELD_OUT
+    from agent.proofs.general_questions import HELD_OUT
     from models.training.vqa_phrasings import EVALUATED_STYLES
 
     parts = set(args.only or ["seeing", "tools", "caller_tools", "drawing", "plans", "general", "capabilities"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bench_serving import ServeProcess, session_turns, stream_turn, stream_turn_async
+from agent.bench.serving import ServeProcess, session_turns, stream_turn, stream_turn_async
 from models.errors import ConfigError
 
 MiB = 2**20
@@ -86,7 +86,7 @@ async def _drive(server: ServeProcess, sessions: int, seconds: float, min_turns:
                 bar.set_postfix(turns=len(turns), rss=f"{samples[-1][1] / MiB:.0f}MiB", refresh=True)
                 try:
                     await asyncio.wait_for(finished.wait(), sample_every)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def all_sessions(client: httpx.AsyncClient) -> None:

@@ -7,7 +7,7 @@ Two backbones: the profile's own (what users run), and `obedient`, a stand-in fo
 it does the user's task and also obeys every instruction it reads, so the figures with it measure
 the structure of the defences, not a model's reluctance.
 
-    python -m agent.bench_injection --profile local [--backbone obedient|model|both] [--out DIR]
+    python -m agent.bench.injection --profile local [--backbone obedient|model|both] [--out DIR]
 """
 
 from __future__ import annotations
@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             runtime = Runtime(config, thinker=ObedientThinker() if backbone == "obedient" else None)
             results[backbone] = {}
             for guard in (True, False):
-                bar = tqdm(total=len(TASKS) * (len(INJECTIONS) + 1), desc=f"{backbone}, defences {'on' if guard else 'off'}")
+                bar = tqdm(total=len(TASKS) * (len(INJECTIONS) + 1),
+                           desc=f"{backbone}, defences {'on' if guard else 'off'}")
                 results[backbone]["on" if guard else "off"] = run_suite(
                     runtime, guard=guard, work=Path(tmp) / backbone, progress=bar.update)
                 bar.close()

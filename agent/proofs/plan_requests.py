@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from agent.tool_requests import FILLS
+from agent.proofs.tool_requests import FILLS
 
 # kind -> (phrasings, tasks); the last phrasing of each kind is held out
 KINDS: dict[str, tuple[list[str], list[dict]]] = {
@@ -35,7 +35,8 @@ KINDS: dict[str, tuple[list[str], list[dict]]] = {
          {"id": 2, "tool": "search_knowledge", "args": {"query": "<task-1.text>"}, "deps": [1]}]),
     "describe and transcribe": (
         ["Describe {image} and transcribe {audio}.", "Tell me what is in {image}, and write down {audio}.",
-         "Label {image}; also give me the transcript of {audio}.", "Two jobs: name what {image} shows and transcribe {audio}.",
+         "Label {image}; also give me the transcript of {audio}.",
+         "Two jobs: name what {image} shows and transcribe {audio}.",
          "I need a caption for {image} and the words of {audio}."],
         [{"id": 1, "tool": "describe_image", "args": {"image": "{image}"}, "deps": []},
          {"id": 2, "tool": "transcribe", "args": {"audio": "{audio}"}, "deps": []}]),

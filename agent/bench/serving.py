@@ -60,12 +60,12 @@ class ServeProcess:
         config_file.write_text(json.dumps(self.config))
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         env.pop("SIGNALGRAPH_API_KEY", None)
-        command = [sys.executable, "-m", "agent.cli", "--profile", self.profile, "--config", str(config_file),
+        command = [sys.executable, "-m", "agent.cli.main", "--profile", self.profile, "--config", str(config_file),
                    "serve", "--port", str(self.port), "--queue", str(self.queue), "--log-level", "warning"]
         self._log = open(self.log, "a")  # noqa: SIM115 - open for the process's whole life
         self.launched = time.perf_counter()
         self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        cwd=Path(__file__).resolve().parents[1])
+                                        cwd=Path(__file__).resolve().parents[2])
         return self
 
     @property

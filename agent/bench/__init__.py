@@ -1,0 +1,1 @@
+"""Benchmarks, each against its baseline in the same run (`signalgraph bench`, docs/benchmarks.md)."""

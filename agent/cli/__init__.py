@@ -1,0 +1,1 @@
+"""The command line: `signalgraph` and its subcommands (main.py holds the arguments)."""
