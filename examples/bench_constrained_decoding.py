@@ -15,8 +15,8 @@ import argparse
 import statistics
 import time
 
-from graphs.chat_model import describe_tools
-from models.constrained_decoding import ToolCallConstraint
+from graphs.prompting import describe_tools
+from models.decoding.constrained import ToolCallConstraint
 
 TOOLS = [
     {"name": "transcribe", "description": "Transcribe speech in an audio file to text. audio_id is like audio-1.",

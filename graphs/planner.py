@@ -28,7 +28,8 @@ from typing import Any
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import BaseModel, ValidationError
 
-from graphs.thinker import Thinker, prompts
+from graphs.prompting import prompts
+from graphs.thinker import Thinker
 from models.errors import SignalgraphError
 from tools.expert_tools import tool_schemas
 

@@ -12,21 +12,12 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
 from typing import Protocol
 
-import yaml
 from langchain_core.messages import AnyMessage
 
+from graphs.prompting import prompts, to_chat
 from models.errors import SignalgraphError
-
-PROMPTS = Path(__file__).with_name("prompts.yaml")
-
-
-@cache
-def prompts() -> dict[str, str]:
-    return yaml.safe_load(PROMPTS.read_text())
 
 
 @dataclass
@@ -120,9 +111,9 @@ class BackboneThinker:
 
     def think(self, messages, *, tools, passages, media, on_text=None, require_tool=False,
               max_new_tokens=None) -> ThinkResult:
-        from graphs.chat_model import TokenStreamer, to_chat
         from graphs.signal_parser import SignalParser, TextDelta, parse_message
-        from models.constrained_decoding import ToolCallConstraint
+        from models.decoding.constrained import ToolCallConstraint
+        from models.decoding.streaming import BothStreamers, RepeatedCallStop, TokenStreamer
 
         chat, _ = to_chat(messages, system_prefix=system_prompt(tools, media, self.skills()),
                           plain_tool_results=True)
@@ -145,8 +136,8 @@ class BackboneThinker:
                                      {tokenizer.eos_token_id, tokenizer.pad_token_id},
                                      lambda chunk: [on_text(e.text) for e in parser.feed(chunk)
                                                     if isinstance(e, TextDelta)])
-        repeat = _RepeatedCallStop(self.mm.backbone.tokenizer)
-        streamer = _Both(streamer, repeat) if streamer else repeat
+        repeat = RepeatedCallStop(self.mm.backbone.tokenizer)
+        streamer = BothStreamers(streamer, repeat) if streamer else repeat
         readable = self._readable(media)
         generation = self.mm.generate(chat, images=readable.get("image"), audios=readable.get("audio"),
                                       max_new_tokens=max_new_tokens or self.max_new_tokens,
@@ -174,51 +165,3 @@ def _drop_cut_call(text: str) -> str:
     """A tool call still open when the token limit hit was cut off, not written wrongly: drop it."""
     start = text.rfind("<tool_call>")
     return text[:start] if start != -1 and "</tool_call>" not in text[start:] else text
-
-
-class _RepeatedCallStop:
-    """Stops decoding once the model repeats a tool call it already wrote, word for word.
-
-    Small models loop on a call until the token limit; the repeat would run once anyway.
-    Fed as a streamer (to see the text) and asked as a stopping criterion.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.first = True
-        self.stop = False
-
-    def put(self, value) -> None:
-        if self.first:  # the prompt
-            self.first = False
-            return
-        self.ids += value.flatten().tolist()
-        if value.numel() and self.tokenizer.decode(value.flatten().tolist()[-1:]).endswith(">"):
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-            calls = [c for c in text.split("</tool_call>")[:-1] if "<tool_call>" in c]
-            bodies = [c[c.index("<tool_call>"):].replace(" ", "").replace("\n", "") for c in calls]
-            self.stop = len(bodies) != len(set(bodies))
-
-    def end(self) -> None:
-        pass
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool, device=input_ids.device)
-
-
-class _Both:
-    """Two streamers as one."""
-
-    def __init__(self, *streamers):
-        self.streamers = streamers
-
-    def put(self, value) -> None:
-        for s in self.streamers:
-            s.put(value)
-
-    def end(self) -> None:
-        for s in self.streamers:
-            s.end()

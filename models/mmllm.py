@@ -366,7 +366,7 @@ class MMLLM(nn.Module):
         streamer and stopping criteria keep per-sequence state, so they follow one generation.
         """
         from models.decoding import DecodeRequest
-        from models.signal_decoding import SignalSpanProcessor
+        from models.decoding.signal_spans import SignalSpanProcessor
 
         if len(requests) != 1 and (streamer is not None or logits_processors or stopping_criteria):
             raise ConfigError("logits processors, a streamer and stopping criteria follow one generation; "

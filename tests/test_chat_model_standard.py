@@ -12,7 +12,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import BaseModel, Field
 
-from graphs.chat_model import SignalgraphChatModel, describe_tools, to_chat, tool_spec
+from agent.chat_model import SignalgraphChatModel
+from graphs.prompting import describe_tools, to_chat, tool_spec
 
 
 class TestSignalgraphChatModelStandard(ChatModelUnitTests):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from graphs.signal_parser import parse_message
-from models.constrained_decoding import ToolCallConstraint, compile_stats, tool_call_prefix
+from models.decoding.constrained import ToolCallConstraint, compile_stats, tool_call_prefix
 from models.errors import ConfigError
 
 try:
@@ -148,7 +148,7 @@ def test_sampled_calls_cover_the_schemas_and_all_validate(mm, chaotic_mm):
     """Sampling at temperature 1 from a random model: as adversarial a writer as there is."""
     from transformers import LogitsProcessorList
 
-    from models.signal_decoding import SignalSpanProcessor
+    from models.decoding.signal_spans import SignalSpanProcessor
 
     names = set()
     for model in (mm, chaotic_mm):
@@ -323,7 +323,7 @@ SMOKE_PROMPTS = [
 
 @pytest.mark.smoke
 def test_smollm2_forced_tool_calls_parse_and_name_real_tools():
-    from graphs.chat_model import SignalgraphChatModel
+    from agent.chat_model import SignalgraphChatModel
 
     llm = SignalgraphChatModel(profile_name="local", max_tokens=80).bind_tools(SMOKE_TOOLS, tool_choice="any")
     right = 0

@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from models.constrained_decoding import ToolCallConstraint, tool_call_prefix
 from models.decoding import DecodeCancelled, DecodeRequest, DecodeScheduler
-from models.signal_decoding import SignalSpanProcessor
+from models.decoding.constrained import ToolCallConstraint, tool_call_prefix
+from models.decoding.signal_spans import SignalSpanProcessor
 
 TOOLS = [{"name": "transcribe", "description": "Speech to text.",
           "parameters": {"type": "object", "properties": {"audio_id": {"type": "string", "maxLength": 6}},

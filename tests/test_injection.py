@@ -17,8 +17,8 @@ from langchain_core.tools import StructuredTool
 from pydantic import BaseModel
 
 from agent.bench.injection import ObedientThinker, run_suite
-from graphs.chat_model import to_chat
 from graphs.controller import Controller
+from graphs.prompting import to_chat
 from graphs.reply import plain_links
 from graphs.scripted import ScriptedThinker
 from graphs.signal_parser import parse_message

@@ -1,6 +1,6 @@
 import torch
 
-from models.signal_decoding import SignalSpanProcessor
+from models.decoding.signal_spans import SignalSpanProcessor
 
 
 def test_started_spans_are_forced_to_completion_and_inner_tokens_never_start_one():

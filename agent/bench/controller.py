@@ -68,7 +68,7 @@ def tool_call_validity(count: int, work_dir: Path) -> dict:
 
     from graphs.signal_parser import parse_message
     from graphs.thinker import system_prompt
-    from models.constrained_decoding import ToolCallConstraint
+    from models.decoding.constrained import ToolCallConstraint
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from tools.expert_tools import ToolContext, build_tools, tool_schemas

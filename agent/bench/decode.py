@@ -60,9 +60,9 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     from tqdm import tqdm
 
     from models.decoding import DecodeRequest, DecodeScheduler, decode_model
+    from models.decoding.signal_spans import SignalSpanProcessor
     from models.mmllm import MMLLM
     from models.profiles import load_profile
-    from models.signal_decoding import SignalSpanProcessor
 
     prompts = list(prompts or PROMPTS)
     if max(sessions) > len(prompts):

@@ -75,8 +75,8 @@ def capability_lines(schemas: list[dict], count: int, rng: random.Random) -> lis
 def plan_lines(schemas: list[dict], count: int, skills: list[str], seed: int) -> list[dict]:
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-    from graphs.chat_model import to_chat
     from graphs.planner import PLAN_TOOL, plan_tool, planner_prompt
+    from graphs.prompting import to_chat
 
     system = system_prompt([plan_tool(schemas)], [], skills)
     lines = []

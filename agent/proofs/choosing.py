@@ -51,7 +51,7 @@ def tool_use_lines(system: str, items: list[dict]) -> list[dict]:
     """Manifest lines that answer each request with its tool calls (or its plain answer)."""
     from langchain_core.messages import AIMessage
 
-    from graphs.chat_model import render_tool_calls
+    from graphs.prompting import render_tool_calls
 
     lines = []
     for item in items:
@@ -83,7 +83,7 @@ def tool_conversation_lines(system: str, items: list[dict], per_conversation: in
     """Manifest lines of `per_conversation` requests each, rendered as the controller renders a
     session: every tool call is followed by its result and a short reply, so the model learns to
     stop once it has what it asked for, and the long tool list is paid for once per conversation."""
-    from graphs.chat_model import to_chat
+    from graphs.prompting import to_chat
 
     rng = random.Random(seed)
     lines = []

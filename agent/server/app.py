@@ -11,7 +11,7 @@ image and audio parts as attachments) in the session named by the `X-Session-Id`
 `user` field; the session keeps the history, so earlier messages seed only a session that is new.
 Generated media come back as URLs in the reply, and the turn's media, trace and citations in a
 `signalgraph` field. A request with `tools` is OpenAI function calling over the backbone
-(graphs.chat_model): the caller's tools are offered under constrained decoding and calls come back
+(agent.chat_model): the caller's tools are offered under constrained decoding and calls come back
 as `tool_calls`, not run; the caller holds that history, as with OpenAI.
 
 Up to `max_concurrency` turns run at once (one at a time per session; the backbone batches their

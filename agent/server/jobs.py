@@ -145,7 +145,7 @@ def controller_job(runtime: Runtime, session: str, prepared: dict, media_item: C
 # --- the caller's tools -------------------------------------------------------------------------
 
 def caller_tools_job(runtime: Runtime, req: ChatCompletionRequest, model_id: str) -> Callable:
-    from graphs.chat_model import SignalgraphChatModel
+    from agent.chat_model import SignalgraphChatModel
 
     messages = _lc_messages(req.messages)
     names = [t.function.name for t in req.tools]

@@ -14,15 +14,12 @@ Decoding is greedy (the MM-LLM's); `temperature` is recorded for tracing only.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
-import torch
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import generate_from_stream
@@ -30,17 +27,19 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
-    ChatMessage,
-    HumanMessage,
-    SystemMessage,
-    ToolMessage,
 )
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from graphs.prompting import (
+    describe_tools,
+    resolve_tool_choice,
+    template_knows_tool_role,
+    to_chat,
+    tool_spec,
+)
 from graphs.signal_parser import (
     MalformedToolCall,
     SignalParser,
@@ -49,21 +48,7 @@ from graphs.signal_parser import (
     ToolCallEvent,
     collect,
 )
-from graphs.untrusted import inert
-from models.errors import ConfigError, MediaError
-
-# An example with a tool that is not bound: small models copy a bound tool's example verbatim.
-TOOLS_PROMPT = """You are a helpful assistant with tools. To use a tool, reply with only a tool call:
-<tool_call>{{"name": "<tool name>", "arguments": {{<arguments>}}}}</tool_call>
-Tools:
-{tools}
-Example:
-User: What is the weather in Paris?
-Assistant: <tool_call>{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}</tool_call>
-{rule}"""
-AUTO_TOOL_PROMPT = "If no tool fits, answer in plain text."
-ANY_TOOL_PROMPT = "Answer with a tool call."
-NAMED_TOOL_PROMPT = "Answer with a call of the tool {name}."
+from models.decoding.streaming import BanTokens, ForceEos, StopFilter, TokenStreamer
 
 _MODELS: dict[tuple[str, bool], Any] = {}
 _MODELS_LOCK = threading.Lock()
@@ -79,249 +64,6 @@ def load_shared_model(profile_name: str, *, require_trained: bool = True):
 
             _MODELS[key] = MMLLM.from_profile(load_profile(profile_name), require_trained=require_trained)
         return _MODELS[key]
-
-
-# --- tools ------------------------------------------------------------------------------------
-
-def tool_spec(tool: Any) -> dict:
-    """{"name", "description", "parameters"} from anything convert_to_openai_tool takes."""
-    function = convert_to_openai_tool(tool)["function"]
-    return {"name": function["name"], "description": function.get("description", ""),
-            "parameters": function.get("parameters") or {"type": "object", "properties": {}}}
-
-
-def resolve_tool_choice(tools: list[dict], tool_choice: Any) -> tuple[list[dict], str]:
-    """(tools the model may call, mode) where mode is "auto", "none", "any" or "named"."""
-    if not tools or tool_choice in (None, "auto", False):
-        return tools, "auto" if tools else "none"
-    if tool_choice == "none":
-        return [], "none"
-    if tool_choice in ("any", "required", True):
-        return tools, "any"
-    name = tool_choice
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-    chosen = [t for t in tools if t["name"] == name]
-    if not chosen:
-        raise ConfigError(f"tool_choice names {name!r}, which is not a bound tool; bound: "
-                          f"{', '.join(t['name'] for t in tools)}")
-    return chosen, "named"
-
-
-def describe_tools(tools: list[dict], mode: str) -> str:
-    """The system-prompt text that teaches the call format and lists the tools."""
-    lines = []
-    for t in tools:
-        arguments = {name: {k: v for k, v in prop.items() if k != "title"} if isinstance(prop, dict) else prop
-                     for name, prop in t["parameters"].get("properties", {}).items()}
-        description = " ".join((t.get("description") or "").split())
-        lines.append(f"- {t['name']}: {description} Arguments: {json.dumps(arguments, ensure_ascii=False)}")
-    rule = {"any": ANY_TOOL_PROMPT, "named": NAMED_TOOL_PROMPT.format(name=tools[0]["name"] if tools else "")
-            }.get(mode, AUTO_TOOL_PROMPT)
-    return TOOLS_PROMPT.format(tools="\n".join(lines), rule=rule)
-
-
-def render_tool_calls(message: AIMessage) -> str:
-    calls = [{"name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
-    return "".join(f"<tool_call>{json.dumps(c, ensure_ascii=False)}</tool_call>" for c in calls)
-
-
-# --- messages -------------------------------------------------------------------------------
-
-def _image_from_block(block: dict):
-    """A PIL image from an image content block holding a data URL or base64 data."""
-    from PIL import Image
-
-    data = None
-    if block.get("type") == "image_url":
-        url = block["image_url"]["url"] if isinstance(block.get("image_url"), dict) else block.get("image_url")
-        if not isinstance(url, str) or not url.startswith("data:"):
-            raise MediaError("only images given inline as data URLs (data:image/png;base64,...) can be read; "
-                             "store the image and pass its id instead")
-        data = url.split(",", 1)[1]
-    elif block.get("type") == "image":
-        data = block.get("base64") or block.get("data")
-        if data is None and isinstance(block.get("url"), str) and block["url"].startswith("data:"):
-            data = block["url"].split(",", 1)[1]
-        if data is None:
-            raise MediaError("an image block needs base64 data or a data URL")
-    try:
-        return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-        raise MediaError(f"an image content block could not be decoded: {exc}") from None
-
-
-def _content(message: BaseMessage, images: list) -> str:
-    """Text of a message; image blocks become <image> placeholders and go to `images`."""
-    if isinstance(message.content, str):
-        return message.content
-    parts = []
-    for block in message.content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif block.get("type") == "text":
-            parts.append(block.get("text", ""))
-        elif block.get("type") in ("image_url", "image"):
-            images.append(_image_from_block(block))
-            parts.append("<image>")
-    return "".join(parts)
-
-
-def template_knows_tool_role(tokenizer) -> bool:
-    template = tokenizer.chat_template or ""
-    if isinstance(template, dict):
-        template = " ".join(template.values())
-    return "'tool'" in template or '"tool"' in template
-
-
-def to_chat(messages: Sequence[BaseMessage], *, system_prefix: str = "", system_suffix: str = "",
-            tool_role: bool = False, plain_tool_results: bool = False) -> tuple[list[dict], list]:
-    """LangChain messages -> chat-template dicts (+ the images, in order).
-
-    All system text goes into one system turn first: prefix, the SystemMessages, suffix.
-    Tool calls of an AIMessage are written back in the protocol's own notation; a ToolMessage
-    becomes a "tool" turn, or (tool_role False) a user turn tagged <tool_response name=.. id=..>,
-    or (plain_tool_results) a user turn in plain prose, which very small models answer from
-    instead of copying the tagged JSON back.
-    """
-    images: list = []
-    systems: list[str] = []
-    chat: list[dict] = []
-    for message in messages:
-        if isinstance(message, SystemMessage):
-            systems.append(_content(message, images))
-        elif isinstance(message, HumanMessage):
-            chat.append({"role": "user", "content": _content(message, images)})
-        elif isinstance(message, AIMessage):
-            # its words may quote a note or a transcript: inert, so only its real calls are calls
-            chat.append({"role": "assistant", "content": inert(_content(message, images))
-                         + render_tool_calls(message)})
-        elif isinstance(message, ToolMessage):
-            text = inert(_content(message, images))  # a tool's output is data: it cannot close its turn
-            if tool_role:
-                chat.append({"role": "tool", "content": text})
-                continue
-            if plain_tool_results:
-                chat.append({"role": "user", "content": f"Result of {message.name or 'the tool'}: {_prose(text)}\n"
-                                                        "Now reply to my request in one short sentence."})
-                continue
-            turn = (f'<tool_response name="{message.name or "tool"}" id="{message.tool_call_id}">\n'
-                    f"{text}\n</tool_response>")
-            if chat and chat[-1]["role"] == "user" and chat[-1]["content"].startswith("<tool_response"):
-                chat[-1]["content"] += "\n" + turn  # results of parallel calls share one turn
-            else:
-                chat.append({"role": "user", "content": turn})
-        elif isinstance(message, ChatMessage):
-            chat.append({"role": message.role, "content": _content(message, images)})
-        else:
-            raise ConfigError(f"cannot put a {type(message).__name__} into the backbone's prompt")
-    system = "\n\n".join(s for s in (system_prefix, *systems, system_suffix) if s)
-    if system:
-        chat.insert(0, {"role": "system", "content": system})
-    return chat, images
-
-
-def _prose(result: str) -> str:
-    """A tool's JSON result as short `key: value` prose."""
-    try:
-        value = json.loads(result)
-    except ValueError:
-        return result
-    if not isinstance(value, dict):
-        return result
-    return "; ".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items())
-
-
-# --- decoding helpers ---------------------------------------------------------------------------
-
-class _ForceEos:
-    """Ends generation once a stop string was written or the consumer went away."""
-
-    def __init__(self, tokenizer, eos_id: int, stops: list[str], cancel: threading.Event):
-        self.tokenizer, self.eos_id, self.stops, self.cancel = tokenizer, eos_id, stops, cancel
-        self.window = max((len(s) for s in stops), default=0) + 4
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row in range(input_ids.shape[0]):
-            done = self.cancel.is_set()
-            if not done and self.stops and input_ids.shape[1]:
-                tail = self.tokenizer.decode(input_ids[row, -self.window:].tolist(), skip_special_tokens=False)
-                done = any(s in tail for s in self.stops)
-            if done:
-                scores[row] = float("-inf")
-                scores[row, self.eos_id] = 0.0
-        return scores
-
-
-class _BanTokens:
-    def __init__(self, ids: list[int]):
-        self.ids = ids
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores[:, self.ids] = float("-inf")
-        return scores
-
-
-class _StopFilter:
-    """Cuts text at the first stop string; holds back what might be the start of one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.buffer = ""
-        self.stopped = False
-
-    def feed(self, text: str, final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        self.buffer += text
-        if not self.stops:
-            out, self.buffer = self.buffer, ""
-            return out
-        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buffer, self.stopped = self.buffer[:min(hits)], "", True
-            return out
-        hold = 0
-        if not final:
-            for s in self.stops:
-                for k in range(min(len(s) - 1, len(self.buffer)), hold, -1):
-                    if self.buffer.endswith(s[:k]):
-                        hold = k
-                        break
-        out, self.buffer = self.buffer[:len(self.buffer) - hold], self.buffer[len(self.buffer) - hold:]
-        return out
-
-
-class TokenStreamer:
-    """A transformers streamer: decoded text deltas to a callback as tokens arrive. Trailing stop
-    or pad tokens are held back, so the deltas add up to the decode of the final ids."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop_ids: set[int], callback: Callable[[str], None]):
-        self.decode, self.stop_ids, self.callback = decode, stop_ids, callback
-        self.ids: list[int] = []
-        self.sent = ""
-        self.prompt_skipped = False
-
-    def put(self, value) -> None:
-        if not self.prompt_skipped:  # generate() first passes the prompt (empty with inputs_embeds)
-            self.prompt_skipped = True
-            return
-        self.ids += value.flatten().tolist()
-        self._emit()
-
-    def _emit(self, final: bool = False) -> None:
-        ids = list(self.ids)
-        while ids and ids[-1] in self.stop_ids:
-            ids.pop()
-        text = self.decode(ids)
-        if not final and text.endswith("\ufffd"):
-            return  # half of a multi-byte character: wait for the rest
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            self.callback(text[len(self.sent):])
-            self.sent = text
-
-    def end(self) -> None:
-        self._emit(final=True)
 
 
 # --- the chat model ---------------------------------------------------------------------------
@@ -429,7 +171,7 @@ class SignalgraphChatModel(BaseChatModel):
         eos = tokenizer.eos_token_id
         processors: list = []
         if callable_tools and self.constrain_tool_calls:
-            from models.constrained_decoding import ToolCallConstraint
+            from models.decoding.constrained import ToolCallConstraint
 
             parallel = kwargs.get("parallel_tool_calls", self.parallel_tool_calls)
             processors.append(ToolCallConstraint(tokenizer, callable_tools, force_tool_call=mode in ("any", "named"),
@@ -438,10 +180,10 @@ class SignalgraphChatModel(BaseChatModel):
         # media placeholders are inputs only; signal tokens only where a span can be decoded
         banned = list(backbone.placeholder_ids.values())
         banned += [i for m, ids in backbone.signal_ids.items() if not self._spans_allowed(mm, m) for i in ids]
-        processors.append(_BanTokens(banned))
+        processors.append(BanTokens(banned))
         stops = list(stop or self.stop or [])
         cancel = threading.Event()
-        processors.append(_ForceEos(tokenizer, eos, stops, cancel))
+        processors.append(ForceEos(tokenizer, eos, stops, cancel))
         signal_strings = {m: tokenizer.convert_ids_to_tokens(ids) for m, ids in backbone.signal_ids.items()}
         max_new = kwargs.get("max_tokens") or self.max_tokens or mm.profile.backbone.max_new_tokens
         return {"mm": mm, "chat": chat, "images": images, "processors": processors, "stops": stops,
@@ -501,7 +243,7 @@ class SignalgraphChatModel(BaseChatModel):
         prep = self._prepare(messages, stop, kwargs)
         generation = self._run(prep)
         tokenizer = prep["mm"].backbone.tokenizer
-        text = _StopFilter(prep["stops"]).feed(self._decode(tokenizer, generation.token_ids), final=True)
+        text = StopFilter(prep["stops"]).feed(self._decode(tokenizer, generation.token_ids), final=True)
         parser = SignalParser(prep["signal_strings"], tools=prep["tool_names"])
         truncated = len(generation.token_ids) >= prep["max_new_tokens"]
         parsed = collect(parser.feed(text) + parser.close(truncated=truncated))
@@ -533,7 +275,7 @@ class SignalgraphChatModel(BaseChatModel):
 
         thread = threading.Thread(target=work, name="signalgraph-generate", daemon=True)
         thread.start()
-        stop_filter = _StopFilter(prep["stops"])
+        stop_filter = StopFilter(prep["stops"])
         parser = SignalParser(prep["signal_strings"], tools=prep["tool_names"])
         events: list = []
         calls = 0
