@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/signalgraph demo
 
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/signalgraph models prepare
 	$(PY) -m pytest
 

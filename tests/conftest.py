@@ -1,4 +1,7 @@
 import os
+import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -35,3 +38,37 @@ def chaotic_mm():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
     return mm
+
+
+@pytest.fixture(scope="module")
+def tiny_home(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh SIGNALGRAPH_HOME for the module: models prepared into it, nothing shared."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIGNALGRAPH_HOME", str(tmp_path_factory.mktemp("signalgraph-home")))
+        yield
+
+
+@contextmanager
+def _running(app):
+    """The app on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def running():
+    """`with running(app) as url:` serves an app on a free loopback port, in a thread."""
+    return _running

@@ -26,13 +26,6 @@ CAT = Path(__file__).resolve().parents[1] / "examples" / "data" / "cat.jpg"
 
 
 @pytest.fixture(scope="module")
-def tiny_home(tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SIGNALGRAPH_HOME", str(tmp_path_factory.mktemp("signalgraph-home")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def profile(tiny_profile, tiny_home):
     """The tiny profile with the shipped speech models and EfficientNet-lite0 (real weights)."""
     return tiny_profile.model_copy(update={

@@ -30,13 +30,6 @@ SECONDS = 0.016  # 64 mel frames -> 256 samples at 16 kHz with the tiny vocoder
 
 
 @pytest.fixture(scope="module")
-def tiny_home(tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SIGNALGRAPH_HOME", str(tmp_path_factory.mktemp("signalgraph-home")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def sd_path(tiny_home) -> Path:
     return resolve("tiny:stable-diffusion")
 

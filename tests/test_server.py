@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,6 @@ import numpy as np
 import openai
 import pytest
 import soundfile
-import uvicorn
 from PIL import Image
 
 from agent.config import AgentConfig
@@ -40,24 +38,6 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
                    "required": ["city"]}}}
-
-
-@contextmanager
-def running(app):
-    """The app on a free loopback port, in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def runtime(tmp_path, profile, thinker=None) -> Runtime:
@@ -88,7 +68,7 @@ def call(name: str, **args) -> dict:
 # --- the real tiny backbone ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_url(tmp_path_factory, tiny_profile):
+def model_url(running, tmp_path_factory, tiny_profile):
     with running(create_app(runtime(tmp_path_factory.mktemp("model"), tiny_profile))) as url:
         yield url
 
@@ -238,7 +218,7 @@ def test_caller_tools_stream_and_take_the_results_back(model_url):
 # --- media, errors and limits: a scripted backbone ----------------------------------------------
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory, tiny_profile):
+def scripted(running, tmp_path_factory, tiny_profile):
     thinker = ScriptedThinker()
     profile = tiny_profile.model_copy(update={"limits": MediaLimits(max_bytes=200_000, max_image_pixels=64 * 64)})
     app = create_app(runtime(tmp_path_factory.mktemp("scripted"), profile, thinker))
@@ -371,7 +351,7 @@ def test_a_real_fault_is_500_with_its_cause(scripted):
 
 # --- auth and the queue -------------------------------------------------------------------------
 
-def test_a_bearer_token_guards_the_api_but_not_the_page(tmp_path, tiny_profile):
+def test_a_bearer_token_guards_the_api_but_not_the_page(running, tmp_path, tiny_profile):
     thinker = ScriptedThinker(ThinkResult("hello"))
     with running(create_app(runtime(tmp_path, tiny_profile, thinker), api_key="s3cret")) as url:
         with pytest.raises(openai.AuthenticationError) as caught:
@@ -398,7 +378,7 @@ class GatedThinker(ScriptedThinker):
         return super().think(*args, **kwargs)
 
 
-def test_a_full_queue_is_429(tmp_path, tiny_profile):
+def test_a_full_queue_is_429(running, tmp_path, tiny_profile):
     thinker = GatedThinker(ThinkResult("first"), ThinkResult("third"))
     # one turn at a time and no room to wait: the second request finds the queue full
     with running(create_app(runtime(tmp_path, tiny_profile, thinker), queue_size=0, max_concurrency=1)) as url:
@@ -498,7 +478,7 @@ def test_a_sessions_waiting_turns_leave_the_workers_to_other_sessions():
     assert queue._keys == {} and queue._admitted == 0
 
 
-def test_an_action_that_needs_confirmation_waits_in_the_session_for_yes(tmp_path, tiny_profile, monkeypatch):
+def test_an_action_that_needs_confirmation_waits_in_the_session_for_yes(running, tmp_path, tiny_profile, monkeypatch):
     """A registered high-risk tool (examples/mail_tool.py): the reply asks, `signalgraph.pending`
     names the action, and the user's "yes" in the same session runs it."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))

@@ -13,8 +13,10 @@ from PIL import Image, ImageDraw
 from models.errors import ConfigError
 from models.mmllm import MMLLM
 from models.training import DatasetError, StageSpec, TrainConfig, apply_stage, read_manifest, tokenize
+from models.training.evaluation import evaluate, normalise_answer
 from models.training.features import ExampleDataset, FeatureCache, precompute
-from models.training.trainer import evaluate, normalise_answer, pt_throughput, run_stage, train
+from models.training.throughput import pt_throughput
+from models.training.trainer import run_stage, train
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 190, 30)}
 SPAN = "[IMG0][IMG1][IMG2][IMG3]"  # the tiny profile's image signal span
@@ -213,7 +215,7 @@ def test_reasoned_yes_no_answers_name_what_the_image_shows_then_compare(tmp_path
 
 
 def test_answers_match_whole_or_by_the_last_word():
-    from models.training.trainer import answers_match
+    from models.training.evaluation import answers_match
 
     assert answers_match("Circle.", "circle") and not answers_match("It is a circle.", "circle")
     assert answers_match("It is blue. No.", "no", last_word=True)
@@ -432,14 +434,14 @@ def test_pt_throughput_measures_both_ways(mm, data, tmp_path):
 
 
 def test_length_grouped_batches_cover_each_example_once_and_pad_less():
-    from models.training.trainer import _Batches
+    from models.training.trainer import Batches
 
     lengths = [10 if i % 3 else 300 for i in range(200)]  # short VQA lines mixed with long tool prompts
-    grouped = list(_Batches(200, 8, seed=1, start=0, stop=25, lengths=lengths))
-    plain = list(_Batches(200, 8, seed=1, start=0, stop=25))
+    grouped = list(Batches(200, 8, seed=1, start=0, stop=25, lengths=lengths))
+    plain = list(Batches(200, 8, seed=1, start=0, stop=25))
     assert sorted(i for batch in grouped for i in batch) == list(range(200))
-    assert grouped == list(_Batches(200, 8, seed=1, start=0, stop=25, lengths=lengths))  # deterministic
-    resumed = list(_Batches(200, 8, seed=1, start=10, stop=25, lengths=lengths))
+    assert grouped == list(Batches(200, 8, seed=1, start=0, stop=25, lengths=lengths))  # deterministic
+    resumed = list(Batches(200, 8, seed=1, start=10, stop=25, lengths=lengths))
     assert resumed == grouped[10:]
 
     def padded(batches):

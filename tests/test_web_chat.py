@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import soundfile
-import uvicorn
 from langchain_core.tools import StructuredTool
 from PIL import Image
 from pydantic import BaseModel
@@ -31,24 +27,6 @@ from graphs.thinker import ThinkResult
 CHROMIUM = os.environ.get("SIGNALGRAPH_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable (apt-get install -y chromium, "
                                                          "or set SIGNALGRAPH_CHROMIUM)")
-
-
-@contextmanager
-def running(app):
-    """The app on a free loopback port, in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +47,7 @@ def draw(*calls: str) -> ScriptedThinker:
                            ThinkResult("Here is a new blue square, image-2, and the beep, audio-2."))
 
 
-def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profile, browser):
+def test_upload_ask_and_see_the_answer_with_generated_media(running, tmp_path, tiny_profile, browser):
     photo, memo = tmp_path / "photo.png", tmp_path / "memo.wav"
     Image.new("RGB", (32, 32), (30, 90, 200)).save(photo)
     soundfile.write(memo, np.zeros(8000, dtype=np.float32), 16_000)
@@ -116,7 +94,7 @@ def test_upload_ask_and_see_the_answer_with_generated_media(tmp_path, tiny_profi
     runtime.close()
 
 
-def test_the_page_asks_for_the_api_key_once_and_sends_it_for_media_too(tmp_path, tiny_profile, browser):
+def test_the_page_asks_for_the_api_key_once_and_sends_it_for_media_too(running, tmp_path, tiny_profile, browser):
     runtime = Runtime(AgentConfig(data_dir=tmp_path / "data", allowed_dirs=[tmp_path]), tiny_profile,
                       thinker=draw("generate_image"))
     with running(create_app(runtime, api_key="s3cret")) as url:
@@ -138,7 +116,7 @@ def test_the_page_asks_for_the_api_key_once_and_sends_it_for_media_too(tmp_path,
     runtime.close()
 
 
-def test_a_reply_that_links_elsewhere_fetches_nothing_and_an_action_waits_for_approve(tmp_path, tiny_profile,
+def test_a_reply_that_links_elsewhere_fetches_nothing_and_an_action_waits_for_approve(running, tmp_path, tiny_profile,
                                                                                         browser):
     """A note slipped a remote image and a beacon into the reply: the page shows them as text and the
     browser requests nothing outside this server (its Content-Security-Policy forbids it too). Then a

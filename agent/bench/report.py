@@ -119,7 +119,7 @@ def training_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from models.training.data import easy_vqa_manifest, read_manifest
-    from models.training.trainer import pt_throughput
+    from models.training.throughput import pt_throughput
 
     base = "local-untrained" if profile == "local" else profile  # PT starts from untrained projectors
     batch_size, batches = (4, 1) if quick else (16, 4)

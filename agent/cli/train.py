@@ -16,7 +16,7 @@ def train(args) -> int:
 def evaluate(args) -> int:
     from models.mmllm import MMLLM
     from models.profiles import load_profile
-    from models.training.trainer import evaluate as run
+    from models.training.evaluation import evaluate as run
 
     mm = MMLLM.from_profile(load_profile(args.profile), require_trained=not args.blind)
     result = run(mm, args.manifest, blind=args.blind, limit=args.limit)

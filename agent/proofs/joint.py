@@ -98,9 +98,10 @@ def joint(out: str, *, seeing_pt_steps: int = 300, drawing_pt_steps: int = 150, 
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from models.training.data import easy_vqa_manifest
+    from models.training.evaluation import evaluate
     from models.training.image_generator import GeneratorTraining
     from models.training.stages import TrainConfig
-    from models.training.trainer import evaluate, train
+    from models.training.trainer import train
     from tools.expert_tools import ToolContext, build_tools, tool_schemas
     from tools.media_store import MediaStore
 

@@ -81,8 +81,9 @@ def seeing(out: str, *, pt_steps: int = 70, it_steps: int = 130, batch_size: int
     from models.mmllm import MMLLM
     from models.profiles import load_profile
     from models.training.data import easy_vqa_manifest
+    from models.training.evaluation import evaluate
     from models.training.stages import TrainConfig
-    from models.training.trainer import evaluate, train
+    from models.training.trainer import train
 
     out_dir = Path(out)
     data = out_dir / "data"

@@ -55,8 +55,9 @@ def probe(out: str, *, lora: dict, lr: float, steps: int, explain: bool, batch_s
     from agent.proofs.seeing import seeing_profile
     from models.mmllm import MMLLM
     from models.profiles import load_profile
+    from models.training.evaluation import evaluate
     from models.training.stages import TrainConfig
-    from models.training.trainer import evaluate, train
+    from models.training.trainer import train
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

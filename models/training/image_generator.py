@@ -101,7 +101,7 @@ def train_image_generator(pairs: list[tuple[str, str]], out_dir: str | Path,
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from tqdm.auto import tqdm
 
-    from models.training.trainer import plot_losses
+    from models.training.plots import plot_losses
 
     if not pairs:
         raise ConfigError("the image generator needs at least one (image, caption) pair")
