@@ -33,7 +33,7 @@ from graphs import tool_policy
 from graphs.reply import PlainLinkStream, ProseGate, compose, plain_links
 from graphs.state import TurnState
 from graphs.thinker import Thinker
-from graphs.untrusted import neutralise
+from graphs.untrusted import neutralise, redact
 from models.errors import SignalgraphError
 from tools.expert_tools import call_tool
 
@@ -145,7 +145,7 @@ class Controller:
             else (lambda text: writer({"text": text}))
         passages = state.get("passages", [])
         if self.guard:
-            passages = [{**p, "text": neutralise(p["text"])} for p in passages]
+            passages = [{**p, "text": neutralise(redact(p["text"]))} for p in passages]
         result = self.thinker.think(self._window(state["messages"]), tools=tool_schemas(tools),
                                     passages=passages,
                                     media=media, on_text=ProseGate(stream),
@@ -272,7 +272,7 @@ class Controller:
     def _collect(self, state: TurnState) -> dict:
         step = state["steps"]
         results = sorted((r for r in state.get("results", []) if r["step"] == step), key=lambda r: r["index"])
-        messages = [ToolMessage(content=neutralise(r["summary"]) if self.guard else r["summary"],
+        messages = [ToolMessage(content=neutralise(redact(r["summary"])) if self.guard else r["summary"],
                                 artifact=r["artifact"], tool_call_id=r["id"], name=r["name"],
                                 status="error" if r["error"] else "success") for r in results]
         outputs = list(dict.fromkeys(m for r in results for m in r["created"]))

@@ -8,7 +8,9 @@ the chat template and the streaming parser alike; line breaks fold, so a note ca
 that looks like another passage or a chat turn.
 
 `injected_sentences` finds the sentences in such content that address the agent (an instruction to
-ignore the user, a fake system note, a tool call): the tool policy refuses any call that copies them.
+ignore the user, a fake system note, a tool call): `redact` takes them out of what the backbone
+reads (a small model follows what it reads, and is distracted by it even when a call is refused),
+and the tool policy refuses any call that copies them. The trace keeps the content as it was.
 """
 
 from __future__ import annotations
@@ -59,3 +61,20 @@ def injected_sentences(text: str) -> list[str]:
     for match in re.finditer(r"(?:<|‹)tool_call(?:>|›)(.{0,400}?)(?:(?:<|‹)/tool_call|$)", text, re.S):
         found += [v for v in re.findall(r"\"[^\"]+\"\s*:\s*\"([^\"]{8,})\"", match.group(1))]
     return found
+
+
+REMOVED = "(an instruction to the assistant was removed here)"
+
+
+def redact(text: str) -> str:
+    """`text` without the sentences that address the agent, each replaced by a short note, so the
+    backbone reads the data and knows something was taken out."""
+    text = re.sub(r"(?:<|‹)tool_call(?:>|›).*?(?:(?:<|‹)/tool_call(?:>|›)|$)", f" {REMOVED} ", text, flags=re.S)
+    out = []
+    for sentence in _SENTENCE.findall(text):
+        if _ADDRESSES_AGENT.search(sentence):
+            if not out or out[-1] != REMOVED:
+                out.append(REMOVED)
+        elif sentence.strip():
+            out.append(sentence.strip())
+    return " ".join(out)

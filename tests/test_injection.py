@@ -237,3 +237,14 @@ def test_the_cli_approves_with_yes_and_otherwise_leaves_the_action_waiting(tmp_p
     done = _confirm(runtime, asked, argparse.Namespace(yes=True, json=False), None)
     assert done.text == "Sent." and len(list((tmp_path / "outbox").iterdir())) == 1
     runtime.close()
+
+
+def test_instructions_are_taken_out_of_what_the_backbone_reads_and_the_rest_stays():
+    from agent.bench.injection import INJECTIONS
+    from graphs.untrusted import REMOVED, redact
+
+    for injection in INJECTIONS.values():
+        text = redact(f"Visitors park in the north lot. {injection} The gate opens at eight.")
+        assert text.startswith("Visitors park in the north lot.") and REMOVED in text
+        assert "password" not in text.lower() and "evil" not in text and "tool_call" not in text
+    assert redact("Meet at noon. Bring the slides, version 1.2.") == "Meet at noon. Bring the slides, version 1.2."
