@@ -143,11 +143,12 @@ def test_parallel_generations_get_distinct_ids(context, store):
 
 def test_generate_image_without_a_generator_is_a_plain_message(context, profile):
     context.profile = profile.model_copy(update={"image_generator": None})
-    result = _call(_tools(context)["generate_image"], prompt="a cat")
+    assert "generate_image" not in _tools(context)  # not offered unless named
+    result = _call(_tools(context, ["generate_image"])["generate_image"], prompt="a cat")
     assert isinstance(result, ToolMessage) and result.status == "error"
     assert result.content.startswith("no image generator is configured in profile 'tiny-tools'")
     # invoked with plain arguments, the message is the result itself
-    assert "no image generator" in _tools(context)["generate_image"].invoke({"prompt": "a cat"})
+    assert "no image generator" in _tools(context, ["generate_image"])["generate_image"].invoke({"prompt": "a cat"})
 
 
 # --- audio ------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_generate_audio_gives_a_wav_id(context, store):
 
 def test_generate_audio_without_a_generator_is_a_plain_message(context, profile):
     context.profile = profile.model_copy(update={"audio_generator": None})
-    result = _call(_tools(context)["generate_audio"], prompt="rain")
+    result = _call(_tools(context, ["generate_audio"])["generate_audio"], prompt="rain")
     assert result.status == "error" and "no audio generator is configured in profile" in result.content
 
 
@@ -201,7 +202,7 @@ def test_search_knowledge_returns_passages_with_sources(context):
 
 
 def test_search_knowledge_without_a_knowledge_base(context):
-    result = _call(_tools(context)["search_knowledge"], query="anything")
+    result = _call(_tools(context, ["search_knowledge"])["search_knowledge"], query="anything")
     assert result.status == "error" and "no knowledge base" in result.content
 
 
@@ -248,7 +249,8 @@ def test_a_media_error_becomes_a_message(context, store):
 def test_allow_list_filters_and_keeps_its_order(context):
     tools = build_tools(context, ["speak", "transcribe"])
     assert [t.name for t in tools] == ["speak", "transcribe"]
-    assert [t.name for t in build_tools(context)] == list(TOOL_NAMES)
+    # without an allow-list: every tool the profile can run (no knowledge base here, so no search)
+    assert [t.name for t in build_tools(context)] == [n for n in TOOL_NAMES if n != "search_knowledge"]
 
 
 def test_unknown_tool_names_are_refused(context):
@@ -263,7 +265,7 @@ def test_building_tools_loads_no_model(profile, store):
 
 
 def test_tool_schemas_are_json_schemas_of_the_arguments(context):
-    schemas = tool_schemas(build_tools(context))
+    schemas = tool_schemas(build_tools(context, TOOL_NAMES))
     assert [s["name"] for s in schemas] == list(TOOL_NAMES)
     by_name = {s["name"]: s for s in schemas}
     image = by_name["generate_image"]["parameters"]
