@@ -270,12 +270,29 @@ def report(results: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(profile: str, backbones: list[str], work: Path) -> dict:
+    """{backbone: {"on": results, "off": results}} for the profile's tools (and model)."""
     from tqdm import tqdm
 
     from agent.config import AgentConfig
     from agent.runtime import Runtime
 
+    results: dict = {}
+    for backbone in backbones:
+        config = AgentConfig(profile=profile, data_dir=work / backbone, allowed_dirs=[work])
+        runtime = Runtime(config, thinker=ObedientThinker() if backbone == "obedient" else None)
+        results[backbone] = {}
+        for guard in (True, False):
+            label = f"{backbone}, defences {'on' if guard else 'off'}"
+            bar = tqdm(total=len(TASKS) * (len(INJECTIONS) + 1), desc=label)
+            results[backbone]["on" if guard else "off"] = run_suite(runtime, guard=guard, work=work / backbone,
+                                                                    progress=bar.update)
+            bar.close()
+        runtime.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="local")
     parser.add_argument("--backbone", choices=["obedient", "model", "both"], default="both")
@@ -283,20 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
     backbones = ["obedient", "model"] if args.backbone == "both" else [args.backbone]
     with tempfile.TemporaryDirectory() as tmp:
-        for backbone in backbones:
-            config = AgentConfig(profile=args.profile, data_dir=Path(tmp) / backbone, allowed_dirs=[Path(tmp)])
-            runtime = Runtime(config, thinker=ObedientThinker() if backbone == "obedient" else None)
-            results[backbone] = {}
-            for guard in (True, False):
-                bar = tqdm(total=len(TASKS) * (len(INJECTIONS) + 1),
-                           desc=f"{backbone}, defences {'on' if guard else 'off'}")
-                results[backbone]["on" if guard else "off"] = run_suite(
-                    runtime, guard=guard, work=Path(tmp) / backbone, progress=bar.update)
-                bar.close()
-            runtime.close()
+        results = measure(args.profile, backbones, Path(tmp))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n".join(report(results)))
     return 0

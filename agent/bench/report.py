@@ -10,6 +10,7 @@ and a PNG per benchmark whose result and baseline are numbers, and prints the ta
     asr         the transcriber's real-time factor
     cold-start  `signalgraph serve` launch -> first token, vs the same turn once warm
     training    PT samples/s with cached encoder features vs the encoder in the loop
+    injection   attack success and task utility with the injection defences on vs off (agent/bench/injection.py)
     load        (only when asked) concurrent streaming sessions against a real server
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from models.errors import ConfigError
 
-SUITES = ["decode", "controller", "retrieval", "asr", "cold-start", "training", "load"]
+SUITES = ["decode", "controller", "retrieval", "asr", "cold-start", "training", "injection", "load"]
 DEFAULT = SUITES[:-1]  # the load test takes minutes of its own: `--only load` or `signalgraph bench load`
 
 
@@ -131,6 +132,27 @@ def training_rows(profile: str, quick: bool) -> tuple[list[dict], dict]:
     cached, live = round(r.cached, 2), round(r.encoder_in_loop, 2)
     return [_row("PT throughput", f"{base}, easy-vqa, batch {batch_size}", cached, "samples/s, cached features",
                  live, _ratio(cached, live), baseline_unit="samples/s, encoder in the loop", batches=batches)], {}
+
+
+def injection_rows(profile: str, quick: bool, work: Path) -> tuple[list[dict], dict]:
+    from agent.bench.injection import measure
+
+    backbones = ["obedient"] if quick else ["obedient", "model"]  # the model: ~50 turns of the backbone
+    results = measure(profile, backbones, work / "injection")
+    rows = []
+    for backbone, by_guard in results.items():
+        on, off = by_guard["on"], by_guard["off"]
+        rate = lambda r, key, of: round(100 * r[key] / max(r[of], 1), 1)  # noqa: E731
+        rows.append(_row("injection", f"{backbone}: attack success, defences on vs off",
+                         rate(on, "attack_success", "injected_cases"), "%",
+                         rate(off, "attack_success", "injected_cases"), cases=on["injected_cases"]))
+        rows.append(_row("injection", f"{backbone}: utility under attack, defences on vs off",
+                         rate(on, "utility_injected", "injected_cases"), "%",
+                         rate(off, "utility_injected", "injected_cases")))
+        rows.append(_row("injection", f"{backbone}: utility on clean notes, defences on vs off",
+                         rate(on, "utility_clean", "clean_cases"), "%", rate(off, "utility_clean", "clean_cases")))
+    return rows, {b: {g: {k: v for k, v in r.items() if k != "rows"} for g, r in by.items()}
+                  for b, by in results.items()}
 
 
 def load_rows(profile: str, quick: bool, work: Path, sessions: int, seconds: float) -> tuple[list[dict], dict]:
@@ -255,6 +277,7 @@ def run(out: str, profile: str | None, *, only: list[str] | None = None, quick: 
             "asr": lambda: asr_rows(profile, quick),
             "cold-start": lambda: cold_start_rows(profile, work),
             "training": lambda: training_rows(profile, quick),
+            "injection": lambda: injection_rows(profile, quick, work),
             "load": lambda: load_rows(profile, quick, work, sessions, seconds)}
     rows, raw, seconds_taken = [], {}, {}
     failed = []
