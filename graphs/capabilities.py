@@ -5,6 +5,8 @@ not to recite one list)."""
 
 from __future__ import annotations
 
+import re
+
 # what a person gets from each of the project's tools, in words
 TOOL_WORDS = {
     "transcribe": "write down what is said in a recording",
@@ -34,6 +36,18 @@ def tool_words(tool: dict) -> str:
 
 def _listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+_ASKS = re.compile(
+    r"\bwhat (else )?(can|could|do) you (do|help( me)? with|offer)\b|\bwhat are you (able|capable|good) (to|of|at)\b"
+    r"|\bwhat (are|is) your (capabilities|skills|features|tools|abilities)\b|\bhow can you help\b"
+    r"|\bwhat (tools|skills|features|capabilities|abilities) do you have\b|\bwhat do you know how to do\b"
+    r"|^\s*/?help\s*[?!.]*\s*$", re.IGNORECASE)
+
+
+def asks_capabilities(request: str) -> bool:
+    """Whether the user asks what the assistant can do (answered from what the session has)."""
+    return bool(_ASKS.search(request))
 
 
 def describe(tools: list[dict], skills: list[str]) -> str:

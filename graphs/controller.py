@@ -30,12 +30,13 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, Send, interrupt
 
 from graphs import tool_policy
+from graphs.capabilities import asks_capabilities, describe
 from graphs.reply import PlainLinkStream, ProseGate, compose, plain_links
 from graphs.state import TurnState
 from graphs.thinker import Thinker
 from graphs.untrusted import neutralise, redact
 from models.errors import SignalgraphError
-from tools.expert_tools import call_tool
+from tools.expert_tools import call_tool, tool_schemas
 
 
 @dataclass
@@ -136,8 +137,6 @@ class Controller:
     def _think(self, state: TurnState, config) -> dict:
         session = config["configurable"]["thread_id"]
         tools = self._session_tools(session, state)
-        from tools.expert_tools import tool_schemas
-
         media = [{"id": m, "kind": (r := self.store.get(session, m)).kind, "path": str(r.path)}
                  for m in state.get("media", [])]
         writer = get_stream_writer()
@@ -311,7 +310,7 @@ class Controller:
             update["messages"] = [AIMessage(content=" ".join(notes))]
         return update
 
-    def _respond(self, state: TurnState) -> dict:
+    def _respond(self, state: TurnState, config) -> dict:
         """The reply a person reads: the model's words after the last tool result, checked and
         completed from the tools' own sentences (graphs/reply.py)."""
         turn = _this_turn(state["messages"])
@@ -319,6 +318,10 @@ class Controller:
         said = " ".join(m.text for m in turn[last_result + 1:] if isinstance(m, AIMessage) and m.text)
         results = sorted(state.get("results", []), key=lambda r: (r["step"], r["index"]))
         reply = compose(said, results)
+        request = next(m for m in reversed(state["messages"]) if isinstance(m, HumanMessage)).text
+        if not results and asks_capabilities(request):  # said from what this session has, never invented
+            reply = describe(tool_schemas(self._session_tools(config["configurable"]["thread_id"], state)),
+                             getattr(self.thinker, "skills", list)())
         if self.guard:
             reply = plain_links(reply)
         if not reply:

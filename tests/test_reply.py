@@ -148,3 +148,18 @@ def test_json_after_the_results_becomes_words_and_keeps_every_file(turn):
 def test_a_turn_with_nothing_said_still_ends_in_words(turn):
     result, _ = turn([ThinkResult("")], "Hmm.")
     assert result.text and not is_markup(result.text)
+
+
+@pytest.mark.parametrize("question", ["Hi! What can you do?", "How can you help me?", "What are your capabilities?",
+                                      "What tools do you have?", "help"])
+def test_what_can_you_do_is_answered_from_the_sessions_tools(turn, question):
+    result, _ = turn([ThinkResult("You can search for information about the human body.")], question)
+    # the tiny-tools session has no knowledge base and no trained projectors: exactly what it has
+    assert result.text == ("I can answer questions and chat. With my tools I can write down what is said in a "
+                           "recording, read text aloud, name what a photo shows, draw a picture from a description "
+                           "and make a sound from a description.")
+
+
+def test_other_questions_keep_the_models_words(turn):
+    result, _ = turn([ThinkResult("Paris is the capital of France.")], "What can you tell me about Paris?")
+    assert result.text == "Paris is the capital of France."
