@@ -200,7 +200,7 @@ class Controller:
         tools = {t.name: t for t in self.tools_for(session)}
         request = next(m for m in reversed(state["messages"]) if isinstance(m, HumanMessage)).text
         untrusted = [(f"{p['source']}#{p['position']}", p["text"]) for p in state.get("passages", [])]
-        untrusted += [(f"the {r['name']} result", " ".join([r["summary"], *tool_policy._strings(r["artifact"])]))
+        untrusted += [(f"the {r['name']} result", " ".join([r["summary"], *tool_policy.text_values(r["artifact"])]))
                       for r in state.get("results", []) if not r["error"]]
         allowed, refused, confirm, trace = [], [], [], []
         for call in state["pending"]:

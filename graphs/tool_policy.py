@@ -64,19 +64,19 @@ def _ngrams(words: list[str], n: int) -> set[tuple]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def _strings(value) -> list[str]:
+def text_values(value) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
+        return [s for v in value.values() for s in text_values(v)]
     if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
+        return [s for v in value for s in text_values(v)]
     return []
 
 
 def _copies(args: dict, text: str, request: str) -> bool:
     """Whether the arguments carry a run of words from `text` that the user did not write."""
-    arg_words = [w for s in _strings(args) for w in _words(s)]
+    arg_words = [w for s in text_values(args) for w in _words(s)]
     n = min(_NGRAM, len(arg_words))
     if n < 2:
         return False
