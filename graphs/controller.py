@@ -144,7 +144,7 @@ class Controller:
             else (lambda text: writer({"text": text}))
         passages = state.get("passages", [])
         if self.guard:
-            passages = [{**p, "text": neutralise(redact(p["text"]))} for p in passages]
+            passages = [{**p, "text": neutralise(redact(p["text"], note=""))} for p in passages]
         result = self.thinker.think(self._window(state["messages"]), tools=tool_schemas(tools),
                                     passages=passages,
                                     media=media, on_text=ProseGate(stream),
@@ -271,7 +271,7 @@ class Controller:
     def _collect(self, state: TurnState) -> dict:
         step = state["steps"]
         results = sorted((r for r in state.get("results", []) if r["step"] == step), key=lambda r: r["index"])
-        messages = [ToolMessage(content=neutralise(redact(r["summary"])) if self.guard else r["summary"],
+        messages = [ToolMessage(content=neutralise(redact(r["summary"], note="")) if self.guard else r["summary"],
                                 artifact=r["artifact"], tool_call_id=r["id"], name=r["name"],
                                 status="error" if r["error"] else "success") for r in results]
         outputs = list(dict.fromkeys(m for r in results for m in r["created"]))
@@ -317,6 +317,8 @@ class Controller:
         last_result = max((i for i, m in enumerate(turn) if isinstance(m, ToolMessage)), default=-1)
         said = " ".join(m.text for m in turn[last_result + 1:] if isinstance(m, AIMessage) and m.text)
         results = sorted(state.get("results", []), key=lambda r: (r["step"], r["index"]))
+        if self.guard:  # a quoted note or transcript shows where an instruction to the agent was cut
+            results = [{**r, "summary": redact(r["summary"])} for r in results]
         reply = compose(said, results)
         request = next(m for m in reversed(state["messages"]) if isinstance(m, HumanMessage)).text
         if not results and asks_capabilities(request):  # said from what this session has, never invented

@@ -66,15 +66,15 @@ def injected_sentences(text: str) -> list[str]:
 REMOVED = "(an instruction to the assistant was removed here)"
 
 
-def redact(text: str) -> str:
-    """`text` without the sentences that address the agent, each replaced by a short note, so the
-    backbone reads the data and knows something was taken out."""
-    text = re.sub(r"(?:<|‹)tool_call(?:>|›).*?(?:(?:<|‹)/tool_call(?:>|›)|$)", f" {REMOVED} ", text, flags=re.S)
-    out = []
+def redact(text: str, note: str = REMOVED) -> str:
+    """`text` without the sentences that address the agent, each replaced by `note`: for a person,
+    a short note that something was taken out; for the backbone, nothing (a note distracts it)."""
+    text = re.sub(r"(?:<|‹)tool_call(?:>|›).*?(?:(?:<|‹)/tool_call(?:>|›)|$)", " <tool_call>. ", text, flags=re.S)
+    out: list[str] = []
     for sentence in _SENTENCE.findall(text):
         if _ADDRESSES_AGENT.search(sentence):
-            if not out or out[-1] != REMOVED:
-                out.append(REMOVED)
+            if note and (not out or out[-1] != note):
+                out.append(note)
         elif sentence.strip():
             out.append(sentence.strip())
     return " ".join(out)
