@@ -41,13 +41,15 @@ class Runtime:
 
     def tools(self, session: str) -> list:
         if session not in self._tools:
-            from tools.expert_tools import ToolContext, build_tools
+            from tools.expert_tools import ToolContext, build_tools, runnable_tools
 
             context = ToolContext(session=session, profile=self.profile, store=self.store, pool=self.pool,
                                   output_dir=self.data_dir / "outputs", knowledge_base=self.knowledge_base)
             allow = self.config.tools_for(session)
             extra = {t.name: t for t in self.extra_tools}
-            built = build_tools(context, allow=None if allow is None else [n for n in allow if n not in extra])
+            # no allowlist: the tools this profile can run (one without its model would only fail)
+            built = build_tools(context, allow=runnable_tools(self.profile, self.knowledge_base) if allow is None
+                                else [n for n in allow if n not in extra])
             self._tools[session] = built + [t for name, t in extra.items() if allow is None or name in allow]
         return self._tools[session]
 

@@ -9,7 +9,7 @@ own output projectors and generators ("end-to-end"). Every decision lands in the
 persisted with the session.
 
 What the agent reads (passages, tool results) is data, never instructions: it enters the prompt
-neutralised (graphs/untrusted.py), and the gate runs only the calls the user's own request allows
+neutralised (tools/untrusted.py), and the gate runs only the calls the user's own request allows
 (graphs/tool_policy.py), pausing for the user's yes or no before a tool that needs confirmation.
 """
 
@@ -34,9 +34,9 @@ from graphs.capabilities import asks_capabilities, describe
 from graphs.reply import PlainLinkStream, ProseGate, compose, plain_links
 from graphs.state import TurnState
 from graphs.thinker import Thinker
-from graphs.untrusted import neutralise, redact
 from models.errors import SignalgraphError
 from tools.expert_tools import call_tool, tool_schemas
+from tools.untrusted import neutralise, redact
 
 
 @dataclass

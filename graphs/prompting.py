@@ -2,7 +2,7 @@
 LangChain messages and tools turned into chat-template turns.
 
 Tool calls of an AIMessage are written back in the protocol's own notation (`<tool_call>...`);
-everything else an assistant or a tool said is made inert first (graphs/untrusted.py), so only
+everything else an assistant or a tool said is made inert first (tools/untrusted.py), so only
 real calls are calls.
 """
 
@@ -20,8 +20,8 @@ import yaml
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from graphs.untrusted import inert
 from models.errors import ConfigError, MediaError
+from tools.untrusted import inert
 
 PROMPTS = Path(__file__).with_name("prompts.yaml")
 

@@ -8,7 +8,7 @@ A 135M-parameter backbone follows whatever text sits in its context, so the defe
    if the request asks for what they do; tools that only read (transcribe, describe_image,
    search_knowledge) are always allowed. Nothing read later can widen the set.
 2. **Provenance of arguments.** A call whose arguments copy a sentence that addresses the agent in
-   untrusted content (an injected instruction, `graphs/untrusted.py`) is refused; a call to a tool
+   untrusted content (an injected instruction, `tools/untrusted.py`) is refused; a call to a tool
    that acts whose arguments copy untrusted text is refused unless the user asked to use that
    content ("read this note aloud", "draw what the note describes").
 3. **Confirmation.** Tools marked `confirm` (high-risk ones a user registers: sending mail, calling
@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from graphs.untrusted import injected_sentences
+from tools.untrusted import injected_sentences
 
 # words by which a request refers to content the agent reads, so that copying it is what was asked
 _REFERS_TO_CONTENT = re.compile(

@@ -28,12 +28,12 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
 from graphs.thinker import Thinker
-from graphs.untrusted import neutralise
 from graphs.workflow_runs import RunInfo, RunLog, WorkflowError, session_of
 from graphs.workflow_spec import MEDIA_TYPES, ApprovalStep, PromptStep, ToolStep, WorkflowSpec, input_values
 from graphs.workflow_templates import EvaluationError, SkippedStepError, condition, evaluate, render
 from models.errors import SignalgraphError
 from tools.expert_tools import call_tool
+from tools.untrusted import neutralise
 
 
 class StepFailed(SignalgraphError):
@@ -274,7 +274,7 @@ def _unless_rejected(after: str) -> Callable[[WorkflowState], str]:
 
 
 def _inert(value):
-    """Strings of earlier steps' outputs made inert for a prompt (graphs/untrusted.py)."""
+    """Strings of earlier steps' outputs made inert for a prompt (tools/untrusted.py)."""
     if isinstance(value, str):
         return neutralise(value)
     if isinstance(value, dict):

@@ -47,7 +47,7 @@ def test_a_missing_measurement_reads_not_measured_and_shares_as_percent():
 def test_an_unknown_suite_is_a_one_line_error(tmp_path, capsys):
     assert main(["bench", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("error: no benchmark suite named nope; choose from decode, controller, "
-                                               "retrieval, asr, cold-start, training, load")
+                                               "retrieval, asr, cold-start, training, injection, load")
 
 
 def test_a_failing_benchmark_is_a_row_with_its_error_and_the_report_still_lands(tmp_path, capsys):

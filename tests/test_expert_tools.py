@@ -17,7 +17,15 @@ from langchain_core.messages import ToolMessage
 
 from models.media import load_audio, load_image
 from models.specs import ImageEncoderSpec, SpeechSpec, TranscriberSpec
-from tools.expert_tools import TOOL_NAMES, ToolContext, UnknownToolError, build_tools, call_tool, tool_schemas
+from tools.expert_tools import (
+    TOOL_NAMES,
+    ToolContext,
+    UnknownToolError,
+    build_tools,
+    call_tool,
+    runnable_tools,
+    tool_schemas,
+)
 from tools.media_store import MediaStore
 from tools.model_pool import ModelPool
 from tools.summaries import summary
@@ -143,7 +151,7 @@ def test_parallel_generations_get_distinct_ids(context, store):
 
 def test_generate_image_without_a_generator_is_a_plain_message(context, profile):
     context.profile = profile.model_copy(update={"image_generator": None})
-    assert "generate_image" not in _tools(context)  # not offered unless named
+    assert "generate_image" not in runnable_tools(context.profile)  # a runtime does not offer it
     result = _call(_tools(context, ["generate_image"])["generate_image"], prompt="a cat")
     assert isinstance(result, ToolMessage) and result.status == "error"
     assert result.content.startswith("no image generator is configured in profile 'tiny-tools'")
@@ -249,8 +257,9 @@ def test_a_media_error_becomes_a_message(context, store):
 def test_allow_list_filters_and_keeps_its_order(context):
     tools = build_tools(context, ["speak", "transcribe"])
     assert [t.name for t in tools] == ["speak", "transcribe"]
-    # without an allow-list: every tool the profile can run (no knowledge base here, so no search)
-    assert [t.name for t in build_tools(context)] == [n for n in TOOL_NAMES if n != "search_knowledge"]
+    assert [t.name for t in build_tools(context)] == list(TOOL_NAMES)
+    # what a runtime offers a session: the tools the profile can run (no knowledge base here)
+    assert runnable_tools(context.profile) == [n for n in TOOL_NAMES if n != "search_knowledge"]
 
 
 def test_unknown_tool_names_are_refused(context):

@@ -411,20 +411,18 @@ _NEEDS = {"transcribe": "transcriber", "speak": "speech", "describe_image": "ima
           "generate_image": "image_generator", "generate_audio": "audio_generator"}
 
 
-def _configured(name: str, context: ToolContext) -> bool:
-    if name == "search_knowledge":
-        return context.knowledge_base is not None
-    return getattr(context.profile, _NEEDS[name]) is not None
+def runnable_tools(profile: ProfileSpec, knowledge_base=None) -> list[str]:
+    """The tools this profile can run: a tool whose model is not configured would only fail."""
+    return [name for name in TOOL_NAMES if (knowledge_base is not None if name == "search_knowledge"
+                                            else getattr(profile, _NEEDS[name]) is not None)]
 
 
 def build_tools(context: ToolContext, allow: Iterable[str] | None = None) -> list[BaseTool]:
-    """The session's tools: all the profile can run, or those named in `allow` (in that order).
+    """The session's tools, all of them or those named in `allow` (in that order).
 
     Raises `UnknownToolError` for a name that is not a tool. Building a tool loads no model.
     """
-    # all tools: those the profile can run (a tool whose model is not configured would only fail);
-    # tools named in `allow` are built as named, and say what is missing when called
-    names = [n for n in TOOL_NAMES if _configured(n, context)] if allow is None else list(dict.fromkeys(allow))
+    names = list(TOOL_NAMES) if allow is None else list(dict.fromkeys(allow))
     unknown = [name for name in names if name not in _BUILDERS]
     if unknown:
         raise UnknownToolError(

@@ -40,6 +40,7 @@ from langchain_core.vectorstores import VectorStore
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
 from models.errors import SignalgraphError
+from tools.untrusted import redact
 
 if hasattr(sqlite3.Connection, "enable_load_extension"):
     _sqlite = sqlite3
@@ -212,6 +213,7 @@ class KnowledgeBase(VectorStore):
         **kwargs: Any,
     ) -> list[str]:
         """Embed and store texts; an id that is already stored is replaced (upsert), not duplicated.
+        Sentences that address the agent (tools/untrusted.py) do not count towards a text's vector.
 
         Ids that are missing or None are generated (uuid4 hex). Metadata is stored as JSON; values
         JSON cannot hold (a `Path`, a datetime) are stored as their `str()`.
@@ -228,7 +230,9 @@ class KnowledgeBase(VectorStore):
             json.dumps(dict(metadata or {}), ensure_ascii=False, default=str)
             for metadata in (metadatas or [{}] * len(texts))
         ]
-        vectors = self._vectors(texts)  # outside the lock: embedding is the slow part
+        # outside the lock: embedding is the slow part. An instruction planted in a chunk is not
+        # what the chunk is about: it is left out of the vector (and kept in the stored text)
+        vectors = self._vectors([redact(t, note="") or t for t in texts])
         with self._lock, self._conn:
             self._ensure_vectors(vectors.shape[1])
             for id_, text, metadata, vector in zip(final_ids, texts, rows, vectors, strict=True):
