@@ -154,10 +154,10 @@ def test_a_turn_with_nothing_said_still_ends_in_words(turn):
                                       "What tools do you have?", "help"])
 def test_what_can_you_do_is_answered_from_the_sessions_tools(turn, question):
     result, _ = turn([ThinkResult("You can search for information about the human body.")], question)
-    # the tiny-tools session has no knowledge base and no trained projectors: exactly what it has
+    # the session's six tools and no trained projectors (a scripted thinker has no skills): exactly that
     assert result.text == ("I can answer questions and chat. With my tools I can write down what is said in a "
-                           "recording, read text aloud, name what a photo shows, draw a picture from a description "
-                           "and make a sound from a description.")
+                           "recording, read text aloud, name what a photo shows, draw a picture from a description, "
+                           "make a sound from a description and search your notes.")
 
 
 def test_other_questions_keep_the_models_words(turn):
