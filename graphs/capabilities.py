@@ -42,6 +42,8 @@ _ASKS = re.compile(
     r"\bwhat (else )?(can|could|do) you (do|help( me)? with|offer)\b|\bwhat are you (able|capable|good) (to|of|at)\b"
     r"|\bwhat (are|is) your (capabilities|skills|features|tools|abilities)\b|\bhow can you help\b"
     r"|\bwhat (tools|skills|features|capabilities|abilities) do you have\b|\bwhat do you know how to do\b"
+    r"|\b(what|which) (things|tasks|kinds? of things|sorts? of things) (can|could) you\b"
+    r"|\b(what|which) (things|tasks|kinds? of things|sorts? of things) are you able to\b"
     r"|^\s*/?help\s*[?!.]*\s*$", re.IGNORECASE)
 
 

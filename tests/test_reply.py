@@ -151,7 +151,8 @@ def test_a_turn_with_nothing_said_still_ends_in_words(turn):
 
 
 @pytest.mark.parametrize("question", ["Hi! What can you do?", "How can you help me?", "What are your capabilities?",
-                                      "What tools do you have?", "help"])
+                                      "What tools do you have?", "help",
+                                      "Which things are you able to help me with today?"])
 def test_what_can_you_do_is_answered_from_the_sessions_tools(turn, question):
     result, _ = turn([ThinkResult("You can search for information about the human body.")], question)
     # the session's six tools and no trained projectors (a scripted thinker has no skills): exactly that
