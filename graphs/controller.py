@@ -198,7 +198,7 @@ class Controller:
             return {"trace": [_entry("gate", allowed=[c["name"] for c in state["pending"]], guard="off")]}
         session = config["configurable"]["thread_id"]
         tools = {t.name: t for t in self.tools_for(session)}
-        request = next(m for m in reversed(state["messages"]) if isinstance(m, HumanMessage)).text
+        request = _request(state["messages"])
         untrusted = [(f"{p['source']}#{p['position']}", p["text"]) for p in state.get("passages", [])]
         untrusted += [(f"the {r['name']} result", " ".join([r["summary"], *tool_policy.text_values(r["artifact"])]))
                       for r in state.get("results", []) if not r["error"]]
@@ -320,7 +320,7 @@ class Controller:
         if self.guard:  # a quoted note or transcript shows where an instruction to the agent was cut
             results = [{**r, "summary": redact(r["summary"])} for r in results]
         reply = compose(said, results)
-        request = next(m for m in reversed(state["messages"]) if isinstance(m, HumanMessage)).text
+        request = _request(state["messages"])
         if not results and asks_capabilities(request):  # said from what this session has, never invented
             reply = describe(tool_schemas(self._session_tools(config["configurable"]["thread_id"], state)),
                              getattr(self.thinker, "skills", list)())
@@ -427,6 +427,11 @@ def _this_turn(messages: list) -> list:
     """The messages after the last user message."""
     last_human = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
     return messages[last_human + 1:]
+
+
+def _request(messages: list) -> str:
+    """The user's words this turn (what the tool policy and the capability answer go by)."""
+    return next(m for m in reversed(messages) if isinstance(m, HumanMessage)).text
 
 
 def _question(call: dict) -> str:
