@@ -83,6 +83,19 @@ def system_prompt(tools: list[dict], media: list[dict], skills: list[str] = ()) 
     return "\n\n".join(parts)
 
 
+def render_prompt(messages: list[AnyMessage], *, tools: list[dict], passages: list[dict], media: list[dict],
+                  skills: list[str]) -> list[dict]:
+    """The chat the backbone reads in a think step. Training data in the controller's format is
+    rendered by this same function, so what is trained is exactly what is served."""
+    chat, _ = to_chat(messages, system_prefix=system_prompt(tools, media, skills), plain_tool_results=True)
+    if passages:  # after the user's own words, where small models look, not in the system prompt
+        last = max(i for i, m in enumerate(chat) if m["role"] == "user")
+        listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
+        chat[last] = {"role": "user", "content": chat[last]["content"] + "\n\n"
+                      + prompts()["passages"].format(passages=listing).strip()}
+    return chat
+
+
 class BackboneThinker:
     """The MM-LLM as the controller's brain."""
 
@@ -115,13 +128,7 @@ class BackboneThinker:
         from models.decoding.constrained import ToolCallConstraint
         from models.decoding.streaming import BothStreamers, RepeatedCallStop, TokenStreamer
 
-        chat, _ = to_chat(messages, system_prefix=system_prompt(tools, media, self.skills()),
-                          plain_tool_results=True)
-        if passages:  # after the user's own words, where small models look, not in the system prompt
-            last = max(i for i, m in enumerate(chat) if m["role"] == "user")
-            listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
-            chat[last] = {"role": "user", "content": chat[last]["content"] + "\n\n"
-                          + prompts()["passages"].format(passages=listing).strip()}
+        chat = render_prompt(messages, tools=tools, passages=passages, media=media, skills=self.skills())
         backbone = self.mm.backbone
         processors = [ToolCallConstraint(
             backbone.tokenizer, tools, force_tool_call=require_tool,

@@ -1,13 +1,10 @@
-"""The assistant's IT mix: instruction variety for seeing, plans, self-description, kept knowledge,
-and the widened adapter the retraining starts from."""
+"""The assistant's IT mix: instruction variety for seeing, plans, self-description, callers' tools,
+kept knowledge, all rendered as the controller serves them."""
 
 from __future__ import annotations
 
 import json
 import random
-
-import pytest
-import torch
 
 from agent.proofs.assistant_mix import CAPABILITY_HELD_OUT, CAPABILITY_QUESTIONS, assistant_mix, capability_lines
 from agent.proofs.general_questions import HELD_OUT, correct, training_prompts
@@ -102,62 +99,61 @@ def test_general_training_prompts_never_ask_a_held_out_question():
     assert correct("The capital is Dublin.", ("dublin",)) and not correct("Paris.", ("dublin",))
 
 
-def test_the_mix_is_valid_and_mostly_in_the_controllers_format(tmp_path):
+def test_the_mix_is_valid_and_rendered_as_the_controller_serves_it(tmp_path):
+    from langchain_core.messages import HumanMessage
+
     from agent.proofs.drawing import _manifests
+    from graphs.thinker import render_prompt
 
     _, draw_it = _manifests(tmp_path, 48, 0)
-    lines = assistant_mix(tmp_path, schemas=SCHEMAS, skills=["look at the images you attach"], draw_it=draw_it,
-                          teacher=[("What is gravity?", "Gravity pulls things together.")],
+    skills = ["look at the images you attach"]
+    teacher = [("What is gravity?", "Gravity pulls things together."), ("Name a fruit.", "An apple.")]
+    lines = assistant_mix(tmp_path, schemas=SCHEMAS, skills=skills, draw_it=draw_it, teacher=teacher,
                           counts={"seeing": 30, "tool_sessions": 6, "tool_lines": 4, "drawing": 8, "plans": 6,
-                                  "capabilities": 5}, seed=0)
+                                  "capabilities": 5, "caller_tools": 7}, seed=0)
     path = tmp_path / "mix.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     records = read_manifest(path)
-    assert len(records) == 30 + 6 + 4 + 8 + 6 + 5 + 1
+    assert len(records) == 30 + 6 + 4 + 8 + 6 + 5 + 7 + 2
     seeing = [r for r in records if r.media["image"]]
     framed = [r for r in seeing if r.messages[0]["role"] == "system"]
-    assert framed and all("[attached: image-1]" in r.messages[1]["content"]
-                          and "look at the images you attach" in r.messages[0]["content"] for r in framed)
+    assert len(framed) == 18  # 60% one question, as a person asks it through the CLI or the API
+    for r in framed:  # exactly the think step's prompt, the image placeholder where the backbone puts it
+        user = r.messages[1]["content"]
+        assert user.startswith("<image>\n") and "[attached: image-1]" in user
+        question = user.split("\n[attached")[0]
+        passages = []
+        if "\n\nAnswer from these notes" in user:
+            continue  # retrieved notes: rendered by the same function, checked below for a tool line
+        assert r.messages[:2] == render_prompt([HumanMessage(question + "\n[attached: image-1]")], tools=SCHEMAS,
+                                               passages=passages, media=[{"id": "image-1", "kind": "image"}],
+                                               skills=skills)
     replies = [m["content"] for r in records for m in r.messages if m["role"] == "assistant"]
     assert any(" says: " in r or "looks like" in r or "I said" in r for r in replies)  # the turn after a result
+    users = [m["content"] for r in records for m in r.messages if m["role"] == "user"]
+    assert any("Answer from these notes" in u for u in users)  # retrieved notes, as a knowledge base adds them
+    assert any("[attached: audio-" in u for u in users) and any(
+        "audio-" in u and "[attached" not in u for u in users)  # media attached now, and named from before
+    callers = [r for r in records if "To use a tool, reply with only a tool call" in r.messages[0]["content"]]
+    assert len(callers) == 7
 
 
-# --- the widened adapter ---------------------------------------------------------------------------
+def test_callers_tool_lines_call_an_offered_tool_with_the_requests_words_and_never_the_evaluated_tools():
+    from agent.proofs.assistant_eval import CALLER_REQUESTS, CALLER_TOOLS
+    from agent.proofs.caller_tool_requests import caller_tool_lines
+    from graphs.signal_parser import parse_message
 
-
-def test_a_widened_adapter_starts_as_the_trained_one(tiny_profile):
-    from peft import get_peft_model_state_dict
-
-    from models.backbone import Backbone
-    from models.specs import LoraSpec
-    from models.training.lora_widen import widen_lora
-
-    small, wide = LoraSpec(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), \
-        LoraSpec(r=6, alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"])
-    ids = torch.tensor([[5, 9, 23, 44, 70, 12]])
-    trained = Backbone.from_spec(tiny_profile.backbone)
-    trained.enable_lora(small)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in trained.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # a trained adapter: its update is not zero
-        expected = trained.model(input_ids=ids).logits
-    state = {f"backbone.lora.{k}": v for k, v in get_peft_model_state_dict(trained.model,
-                                                                           save_embedding_layers=False).items()}
-    state["input_projectors.image.0.weight"] = torch.ones(2)
-    fresh = Backbone.from_spec(tiny_profile.backbone)
-    widened = widen_lora(state, small, fresh, wide)
-    assert torch.equal(widened["input_projectors.image.0.weight"], torch.ones(2))
-    a = next(v for k, v in widened.items() if k.endswith("q_proj.lora_A.weight"))
-    assert a.shape[0] == 6
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(fresh.model, {k[len("backbone.lora."):]: v for k, v in widened.items()
-                                            if k.startswith("backbone.lora.")})
-    with torch.no_grad():
-        assert torch.allclose(fresh.model(input_ids=ids).logits, expected, atol=1e-5)
-    with pytest.raises(Exception, match="rank"):
-        widen_lora(state, wide, Backbone.from_spec(tiny_profile.backbone), small)
-
+    lines = caller_tool_lines(200, seed=3)
+    evaluated = {t["function"]["name"] for t in CALLER_TOOLS}
+    calls = 0
+    for line in lines:
+        system, user, answer = (m["content"] for m in line["messages"])
+        assert not any(f"- {name}:" in system for name in evaluated)
+        assert user not in {r for r, _, _ in CALLER_REQUESTS}
+        parsed = parse_message(answer)
+        for call in parsed.tool_calls:
+            calls += 1
+            assert f"- {call.name}:" in system
+            assert all(str(v) in user for v in call.arguments.values())
+        assert parsed.tool_calls or "<tool_call>" not in answer
+    assert 120 < calls < 190  # about one in five answered in words

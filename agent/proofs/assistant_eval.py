@@ -136,16 +136,16 @@ def seeing(client, count: int, styles: list[str], seed: int = 0) -> dict:
     return out
 
 
-def _held_out_tool_items(count: int) -> list[dict]:
-    """Held-out tool requests, their media ids mapped onto the attached ones (audio-1, image-1)
-    and their topics onto the example notes."""
+def _held_out_tool_items(count: int, offered: set[str]) -> list[dict]:
+    """Held-out tool requests for the tools the server offers, their media ids mapped onto the
+    attached ones (audio-1, image-1) and their topics onto the example notes."""
     from agent.proofs.tool_requests import own_drawing, requests
 
     items = []
     for item in requests(count * 3, split="heldout", seed=7, mix=(70, 30, 0)):
         text = item["request"]
-        if own_drawing(text):  # the model's own drawings: not a tool's
-            continue
+        if own_drawing(text) or any(c["name"] not in offered for c in item["calls"]):
+            continue  # the model's own drawings are not a tool's; a tool the profile cannot run is not offered
         calls = json.loads(re.sub(r"audio-\d", "audio-1", re.sub(r"image-\d", "image-1", json.dumps(item["calls"]))))
         text = re.sub(r"audio-\d", "audio-1", re.sub(r"image-\d", "image-1", text))
         for call in calls:
@@ -157,7 +157,7 @@ def _held_out_tool_items(count: int) -> list[dict]:
     return items[:count]
 
 
-def tools(client, count: int) -> dict:
+def tools(client, count: int, offered: set[str]) -> dict:
     from graphs.reply import is_markup, states
 
     def one(item: dict) -> dict:
@@ -174,11 +174,19 @@ def tools(client, count: int) -> dict:
                 "words": not is_markup(_words(reply["text"])) and bool(_words(reply["text"])),
                 "model_wrote_reply": not respond.get("composed", True),
                 "states_results": all(states(reply["text"], r) for r in _results(reply["trace"]))}
-    done = _many(one, _held_out_tool_items(count), "tools")
+    done = _many(one, _held_out_tool_items(count, offered), "tools")
     rate = lambda key: round(sum(r[key] for r in done) / len(done), 4)  # noqa: E731
     return {"of": len(done), "right_tool": rate("right_tool"), "right_arguments": rate("right_arguments"),
             "replies_in_words": rate("words"), "replies_stating_results": rate("states_results"),
             "replies_written_by_the_model": rate("model_wrote_reply"), "rows": done}
+
+
+def _offered(profile: str) -> set[str]:
+    """The tools a server on `profile` offers (it has a knowledge base)."""
+    from models.profiles import load_profile
+    from tools.expert_tools import runnable_tools
+
+    return set(runnable_tools(load_profile(profile), knowledge_base=True))
 
 
 def _same_arguments(made: list[str], wanted: list[str]) -> bool:
@@ -354,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             if "general" in parts:
                 results["general"] = general(client, HELD_OUT)
             if "tools" in parts:
-                results["tools"] = tools(client, args.tools)
+                results["tools"] = tools(client, args.tools, _offered(args.profile))
             if "caller_tools" in parts:
                 results["caller_tools"] = caller_tools(client)
             if "drawing" in parts:

@@ -74,10 +74,12 @@ def ask(style: str, question: str, *, held_out: bool, rng: random.Random) -> str
 
 
 def varied_vqa_manifest(out_dir: str | Path, count: int, *, seed: int = 0, max_turns: int = 3,
-                        paraphrase: float = 0.5) -> Path:
+                        paraphrase: float = 0.5, word_answers: bool = False) -> Path:
     """`count` conversations about easy-vqa train images, 1 to `max_turns` questions each, every
     question in a random style with its training wordings, colour and shape questions reworded with
-    probability `paraphrase`, yes/no answers balanced (as many "yes" as "no" of each kind)."""
+    probability `paraphrase`, yes/no answers balanced (as many "yes" as "no" of each kind).
+    `word_answers`: the bare answer in every style but "explain" (the form one-word-trained weights
+    already give, so continuing from them teaches wordings, not a new answer form)."""
     import easy_vqa
 
     rng = random.Random(seed)
@@ -92,7 +94,7 @@ def varied_vqa_manifest(out_dir: str | Path, count: int, *, seed: int = 0, max_t
     rng.shuffle(images)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / f"easy-vqa-varied-{count}-s{seed}.jsonl"
+    manifest = out_dir / f"easy-vqa-varied-{count}-t{max_turns}-s{seed}{'-words' if word_answers else ''}.jsonl"
     written = 0
     with open(manifest, "w", encoding="utf-8") as fp:
         for image_id in images:
@@ -106,7 +108,8 @@ def varied_vqa_manifest(out_dir: str | Path, count: int, *, seed: int = 0, max_t
                 if kind != "yes/no" and rng.random() < paraphrase:
                     question = rng.choice(PARAPHRASES[kind][0])
                 style = rng.choice(list(STYLES))
-                reply = answer_in(STYLES[style][0], question, answer, facts.get(image_id, {}))
+                form = "word" if word_answers and style != "explain" else STYLES[style][0]
+                reply = answer_in(form, question, answer, facts.get(image_id, {}))
                 if reply is None:
                     continue
                 text = ask(style, question, held_out=False, rng=rng)
