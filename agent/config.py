@@ -20,6 +20,9 @@ class AgentConfig(BaseModel):
 
     profile: str | None = None  # name or YAML path; default $SIGNALGRAPH_PROFILE or local
     data_dir: Path = Field(default_factory=lambda: home() / "data")  # sessions, media, knowledge base
+    # a postgresql:// URL: sessions, knowledge base, workflow runs and media in one database that any
+    # number of processes share (docs/scaling.md); default $SIGNALGRAPH_DATABASE_URL, else SQLite in data_dir
+    database: str | None = None
     # folders whose files users may attach; anything else (../ included) is refused
     allowed_dirs: list[Path] = Field(default_factory=lambda: [Path.cwd()])
     tools: list[str] | None = None  # the default allowlist; None allows every tool

@@ -15,16 +15,26 @@ KB_SESSION = "knowledge-base"  # the media store's session for files ingested in
 
 
 class Runtime:
-    """Everything lives under `config.data_dir`; heavy models load on first use, once."""
+    """Shared state lives under `config.data_dir` (SQLite), or in the configured Postgres database;
+    heavy models load on first use, once."""
 
     def __init__(self, config: AgentConfig, profile: ProfileSpec | None = None, *, thinker=None):
         self.config = config
         self.profile = profile or load_profile(config.profile)
         check_ready(self.profile)
+        from tools.database import Database, database_url
         from tools.media_store import MediaStore
         from tools.model_pool import default_pool
 
         self.data_dir = Path(config.data_dir).expanduser()
+        url = database_url(config.database)
+        self.database = Database(url) if url else None
+        if self.database is not None:
+            try:
+                self.database.check()  # an older schema: refuse, and say `signalgraph db upgrade`
+            except Exception:
+                self.database.close()
+                raise
         self.store = MediaStore(self.data_dir / "media", allowed_dirs=config.allowed_dirs, limits=self.profile.limits)
         self.pool = default_pool()
         self._thinker = thinker
@@ -79,7 +89,7 @@ class Runtime:
                           knowledge_base=self.knowledge_base, generate=self._generator(mm) if mm else None,
                           max_steps=self.config.max_steps, tool_timeout=self.config.tool_timeout,
                           retrieve_k=self.config.retrieve_k, history_turns=self.config.history_turns,
-                          guard=self.config.guard)
+                          guard=self.config.guard, database=self.database)
 
     @staticmethod
     def _generator(mm):
@@ -134,6 +144,8 @@ class Runtime:
     def close(self) -> None:
         if "controller" in self.__dict__:
             self.controller.close()
+        if self.database is not None:
+            self.database.close()
 
 
 def trace_lines(trace: list[dict]) -> list[str]:

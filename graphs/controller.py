@@ -63,7 +63,7 @@ class Controller:
     def __init__(self, *, thinker: Thinker, store, tools_for: Callable[[str], list], data_dir: Path,
                  knowledge_base=None, generate: Callable | None = None, max_steps: int = 3,
                  tool_timeout: float = 120.0, retrieve_k: int = 3, history_turns: int = 4,
-                 retrieve_min_score: float = 0.3, guard: bool = True):
+                 retrieve_min_score: float = 0.3, guard: bool = True, database=None):
         self.thinker = thinker
         self.store = store
         self.tools_for = tools_for  # session id -> that session's allowed LangChain tools
@@ -75,15 +75,20 @@ class Controller:
         self.history_turns = history_turns
         self.retrieve_min_score = retrieve_min_score  # weaker passages distract more than they help
         self.guard = guard  # False only to measure what the injection defences stop (the injection bench)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        from langgraph.checkpoint.sqlite import SqliteSaver
+        self.database = database  # tools.database.Database: sessions shared by every process on it
+        self._conn = None
+        if database is not None:
+            self.saver = database.checkpointer("sessions")
+        else:
+            from langgraph.checkpoint.sqlite import SqliteSaver
 
-        self._conn = sqlite3.connect(data_dir / "sessions.sqlite", check_same_thread=False)
-        # WAL + NORMAL: a commit per turn without an fsync per write; still safe against process crashes
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self.saver = SqliteSaver(self._conn)
-        self.saver.setup()
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(data_dir / "sessions.sqlite", check_same_thread=False)
+            # WAL + NORMAL: a commit per turn without an fsync per write; still safe against process crashes
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self.saver = SqliteSaver(self._conn)
+            self.saver.setup()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tool")
         self.graph = self._build().compile(checkpointer=self.saver)
 
@@ -411,6 +416,8 @@ class Controller:
         return self.graph.get_state({"configurable": {"thread_id": session}}).values
 
     def sessions(self) -> list[str]:
+        if self.database is not None:
+            return self.database.threads("sessions")
         rows = self._conn.execute("SELECT DISTINCT thread_id FROM checkpoints ORDER BY thread_id").fetchall()
         return [r[0] for r in rows]
 
@@ -420,7 +427,8 @@ class Controller:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._conn.close()
+        if self._conn is not None:  # the database, shared, is closed by its owner
+            self._conn.close()
 
 
 def _this_turn(messages: list) -> list:

