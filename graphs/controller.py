@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -367,6 +368,14 @@ class Controller:
         makes its first step a tool call (scripted steps that must use a tool); `max_new_tokens`
         bounds each think round (the API's max_tokens). While a tool waits for confirmation, a yes
         or no answers it; any other message drops the action and starts a new turn."""
+        with self._session_lock(session):
+            return self._turn(session, text, attachments, on_text, tools, require_tool, max_new_tokens)
+
+    def _session_lock(self, session: str):
+        """On a shared database, a session's turns run one at a time across all processes."""
+        return self.database.lock(f"session:{session}") if self.database is not None else nullcontext()
+
+    def _turn(self, session, text, attachments, on_text, tools, require_tool, max_new_tokens) -> TurnResult:
         if self.pending(session) is not None:
             answer = _yes_or_no(text)
             if answer is not None:  # the message answers the question the last turn asked
@@ -380,9 +389,10 @@ class Controller:
 
     def resume(self, session: str, *, approve: bool, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """Finish a turn that waits for the user's confirmation: run the tool (approve) or not."""
-        if self.pending(session) is None:
-            raise SignalgraphError(f"session {session!r} has no action waiting for confirmation")
-        return self._run(session, Command(resume={"approve": approve}), on_text)
+        with self._session_lock(session):
+            if self.pending(session) is None:
+                raise SignalgraphError(f"session {session!r} has no action waiting for confirmation")
+            return self._run(session, Command(resume={"approve": approve}), on_text)
 
     def pending(self, session: str) -> dict | None:
         """The action a session's last turn paused on, waiting for a yes or no; None if none."""

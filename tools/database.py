@@ -16,6 +16,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,7 @@ class Database:
         self._pools: dict[str | None, object] = {}
         self._sizes = (min_size, max_size)
         self._lock = threading.Lock()
+        self._held = threading.local()  # advisory locks this thread holds: key -> depth
 
     def __repr__(self) -> str:
         return f"Database({_redacted(self.url)!r})"
@@ -157,7 +160,7 @@ class Database:
                     if migration.version <= before:
                         continue
                     with conn.transaction():
-                        conn.execute(migration.sql)
+                        conn.execute(migration.sql, prepare=False)  # several statements: never prepared
                         conn.execute("INSERT INTO signalgraph_migrations (version, name) VALUES (%s, %s)",
                                      (migration.version, migration.name))
                 for schema in CHECKPOINTERS.values():
@@ -179,6 +182,30 @@ class Database:
                 f"the database {_redacted(self.url)} is at schema version {current}, newer than this Signalgraph "
                 f"({wanted}): upgrade Signalgraph")
         return current
+
+    # --- ordering across processes -------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold a Postgres advisory lock on `key` for the block: one session's turns run one at a
+        time across every process on the database. Re-entrant within a thread. If the process dies,
+        its connection closes and Postgres releases the lock, so no replica waits on a dead one."""
+        held = self._held.__dict__.setdefault("keys", {})
+        if key in held:
+            held[key] += 1
+            try:
+                yield
+            finally:
+                held[key] -= 1
+            return
+        with self.connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+            held[key] = 1
+            try:
+                yield
+            finally:
+                del held[key]
+                conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
 
     # --- LangGraph ---------------------------------------------------------------------------
 

@@ -166,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="requests that may wait while --max-concurrency turns run; more get 429")
     serve.add_argument("--max-concurrency", type=int, default=8,
                        help="turns that run at once, their decoding batched on the backbone (default 8)")
+    serve.add_argument("--drain-seconds", type=float, default=120.0,
+                       help="on SIGTERM, how long running turns may take to finish while new ones get 503")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+
+import uvicorn
 
 from agent.config import load_config
 from agent.runtime import Runtime
@@ -14,8 +18,6 @@ def serve(args) -> int:
         raise ConfigError(f"--queue must be 0 or more and --port between 1 and 65535 (got {args.queue}, {args.port})")
     if args.max_concurrency < 1:
         raise ConfigError(f"--max-concurrency must be 1 or more (got {args.max_concurrency})")
-    import uvicorn
-
     from agent.server.app import create_app
 
     config = load_config(args.config)
@@ -32,7 +34,34 @@ def serve(args) -> int:
         if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {args.host} without an API key; anyone who can reach this port can "
                   "use the agent (set --api-key or $SIGNALGRAPH_API_KEY)", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
+                                drain_seconds=args.drain_seconds)
+        server.run()
     finally:
         runtime.close()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, stopped gracefully: on SIGTERM (or Ctrl-C) the server stops taking turns (the API
+    answers 503 and /readyz says draining, so a load balancer sends them elsewhere), lets the running
+    turns finish for up to `drain_seconds`, then exits. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, *, drain_seconds: float):
+        super().__init__(config)
+        self.drain_seconds = drain_seconds
+
+    def handle_exit(self, sig, frame) -> None:
+        state = self.config.app.state
+        if state.draining:  # a second signal: stop now
+            return super().handle_exit(sig, frame)
+        state.draining = True
+        print(f"draining: {state.queue.busy} turn(s) to finish; new ones are refused", flush=True)
+
+        def drain():
+            deadline = time.monotonic() + self.drain_seconds
+            while state.queue.busy and time.monotonic() < deadline:
+                time.sleep(0.1)
+            super(DrainingServer, self).handle_exit(sig, frame)
+
+        threading.Thread(target=drain, name="signalgraph-drain", daemon=True).start()

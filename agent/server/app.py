@@ -124,6 +124,34 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
 
     guarded = [Depends(authorize)]
 
+    # --- for load balancers: alive, ready, draining ---------------------------------------------
+
+    app.state.queue = queue
+    app.state.draining = False  # set on SIGTERM (agent/cli/serve.py): running turns finish, new ones get 503
+
+    @app.middleware("http")
+    async def refuse_while_draining(request: Request, call_next):
+        if app.state.draining and request.url.path.startswith("/v1/"):
+            return JSONResponse(error_body(503, "this server is shutting down; send the request again (another "
+                                                "replica will take it)", code="draining"),
+                                status_code=503, headers={"Retry-After": "1"})
+        return await call_next(request)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz():
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if runtime.database is not None:
+            try:
+                await run_in_threadpool(runtime.database.version)
+            except SignalgraphError as exc:
+                return JSONResponse({"status": "database unreachable", "detail": str(exc)}, status_code=503)
+        return {"status": "ready", "turns": queue.busy}
+
     # --- the web chat -------------------------------------------------------------------------
 
     @app.get("/", include_in_schema=False)

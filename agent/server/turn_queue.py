@@ -39,6 +39,12 @@ class TurnQueue:
         self._start(job, future, key)
         return future
 
+    @property
+    def busy(self) -> int:
+        """Turns admitted and not finished: running or waiting."""
+        with self._lock:
+            return self._admitted
+
     def _start(self, job: Callable[[], Any], future: Future, key: str | None) -> None:
         def run():
             future.set_running_or_notify_cancel()
