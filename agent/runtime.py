@@ -35,7 +35,8 @@ class Runtime:
             except Exception:
                 self.database.close()
                 raise
-        self.store = MediaStore(self.data_dir / "media", allowed_dirs=config.allowed_dirs, limits=self.profile.limits)
+        self.store = MediaStore(self.data_dir / "media", allowed_dirs=config.allowed_dirs, limits=self.profile.limits,
+                                database=self.database)  # on Postgres, the folder only caches the database's bytes
         self.pool = default_pool()
         self._thinker = thinker
         self._tools: dict[str, list] = {}

@@ -28,7 +28,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
 from graphs.thinker import Thinker
-from graphs.workflow_runs import RunInfo, RunLog, WorkflowError, session_of
+from graphs.workflow_runs import PgRunLog, RunInfo, RunLog, WorkflowError, session_of
 from graphs.workflow_spec import MEDIA_TYPES, ApprovalStep, PromptStep, ToolStep, WorkflowSpec, input_values
 from graphs.workflow_templates import EvaluationError, SkippedStepError, condition, evaluate, render
 from models.errors import SignalgraphError
@@ -86,17 +86,22 @@ class WorkflowRunner:
     thinker, asked for only when a prompt step runs (a workflow of tools loads no LLM)."""
 
     def __init__(self, data_dir: Path, *, store, tools_for: Callable[[str], list], thinker: Callable[[], Thinker],
-                 tool_timeout: float = 120.0):
-        from langgraph.checkpoint.sqlite import SqliteSaver
-
+                 tool_timeout: float = 120.0, database=None):
         self.store = store
         self.tools_for = tools_for
         self.thinker = thinker
         self.tool_timeout = tool_timeout
-        self.log = RunLog(Path(data_dir) / "workflows.sqlite")
-        self._conn = sqlite3.connect(self.log.path, check_same_thread=False, timeout=30)
-        self.saver = SqliteSaver(self._conn)
-        self.saver.setup()
+        self._conn = None
+        if database is not None:  # runs and their checkpoints in the shared database (set up by its migrations)
+            self.log = PgRunLog(database)
+            self.saver = database.checkpointer("workflows")
+        else:
+            from langgraph.checkpoint.sqlite import SqliteSaver
+
+            self.log = RunLog(Path(data_dir) / "workflows.sqlite")
+            self._conn = sqlite3.connect(self.log.path, check_same_thread=False, timeout=30)
+            self.saver = SqliteSaver(self._conn)
+            self.saver.setup()
         self._on_event: Callable[[str, str, int | None, str], None] | None = None
 
     # --- starting and resuming -----------------------------------------------------------------
@@ -262,7 +267,8 @@ class WorkflowRunner:
             self._on_event(step, event, attempt, detail)
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
         self.log.close()
 
 

@@ -4,6 +4,8 @@ turn. Real processes, real HTTP, the official client, a real database."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import socket
@@ -16,6 +18,7 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from tools.database import Database
 
@@ -88,6 +91,16 @@ def test_replicas_share_sessions_survive_a_kill_and_keep_concurrent_histories_ex
     ask(a, "moving", "first, on a")
     ask(b, "moving", "second, on b")
     assert users(a, "moving") == users(b, "moving") == ["first, on a", "second, on b"]
+
+    # media a replica stored come from the other, whose own folder never held them
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(png, format="PNG")
+    picture = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    client = openai.OpenAI(base_url=f"{a}/v1", api_key="unused", max_retries=0, timeout=120)
+    client.chat.completions.create(model=MODEL, user="moving", max_tokens=8, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Here is a picture."}, {"type": "image_url", "image_url": {"url": picture}}]}])
+    fetched = httpx.get(f"{b}/v1/media/moving/image-1", timeout=30)
+    assert fetched.status_code == 200 and fetched.content == png.getvalue()
 
     # 8 sessions at once, turns spread over both replicas: every history exact, in order
     def session(n: int) -> list[str]:

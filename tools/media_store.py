@@ -1,13 +1,17 @@
-"""A content-addressed media store: each file's bytes on disk once, per-session ids in SQLite.
+"""A content-addressed media store: each file's bytes stored once, per-session ids.
 
 Tools and graphs never pass file paths or media bytes around; they pass ids such as `image-1`
 or `audio-2` that this store resolves for one session (HuggingGPT #75: models hallucinate
-paths; LangGraph checkpoints bloat with base64 media). Layout under `root`:
+paths; LangGraph checkpoints bloat with base64 media). By default everything lives under `root`:
 
     index.sqlite                  sessions' ids -> blobs, with kind, origin and metadata
     blobs/ab/abcdef....png        the bytes, named by their sha256 (stored once, read-only)
 
-Rules:
+With `database=` (a `tools.database.Database`), the ids and the bytes live in Postgres instead
+(tools/media_store_pg.py), shared by every replica, and `root/blobs/` is only this replica's
+cache of them, laid out the same way: `MediaRecord.path` is a local file either way.
+
+Rules (here, once, whichever index stores the media):
 
 - A user file (`add_file`) must resolve, symlinks followed, inside one of `allowed_dirs`;
   anything else is refused with `PathNotAllowedError`. It is decoded with `models.media`
@@ -17,11 +21,11 @@ Rules:
 - The same user bytes added twice to one session, as the same kind, get the id they already
   have (re-attaching a file does not multiply ids). Generated media always get a new id, even
   when the bytes repeat: nothing is ever overwritten (smolagents #2393).
-- `delete_session` forgets a session's ids and counters; a blob is removed from disk only when
-  no other session still refers to it.
+- `delete_session` forgets a session's ids and counters; a blob is removed only when no other
+  session still refers to it.
 
-Thread-safe: the SQLite work and the blob writes of one root run under one lock shared by every
-`MediaStore` of that root in the process; decoding and hashing run outside it.
+Thread-safe, and safe across processes sharing one index; decoding and hashing run outside
+any lock.
 """
 
 from __future__ import annotations
@@ -38,10 +42,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 from models.errors import MediaError, SignalgraphError
 from models.specs import MediaLimits
+
+if TYPE_CHECKING:
+    from tools.database import Database
 
 MediaKind = Literal["image", "audio", "video"]
 Origin = Literal["user", "generated"]
@@ -87,41 +94,63 @@ class MediaRecord:
         }
 
 
-# One lock per store root in this process, so two MediaStore objects on one root do not race.
-_ROOT_LOCKS: dict[str, threading.RLock] = {}
-_ROOT_LOCKS_GUARD = threading.Lock()
+@dataclass(frozen=True)
+class NewMedia:
+    """Checked bytes on their way into an index."""
+
+    data: bytes
+    sha256: str
+    kind: str
+    suffix: str
+    origin: str
+    meta_json: str
 
 
-def _root_lock(root: Path) -> threading.RLock:
-    with _ROOT_LOCKS_GUARD:
-        return _ROOT_LOCKS.setdefault(str(root), threading.RLock())
+class MediaIndex(Protocol):
+    """Where a `MediaStore` keeps its ids and bytes. The store checks everything before `add`; an
+    index only stores, each call atomic for every thread and process that shares the index."""
+
+    def add(self, session: str, media: NewMedia, *, reuse: bool) -> MediaRecord:
+        """`media` under the session's next id of its kind (`media_id`); with `reuse`, the id that
+        the session's user media with these bytes and this kind already have, if any."""
+
+    def get(self, session: str, media_id: str) -> MediaRecord | None: ...
+
+    def list(self, session: str) -> list[MediaRecord]:
+        """In the order the media were added."""
+
+    def sessions(self) -> list[str]: ...
+
+    def delete_session(self, session: str) -> int:
+        """Forget the session's ids and counters, and the blobs no other session refers to;
+        the number of ids forgotten."""
+
+    def close(self) -> None: ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS blobs (
-    sha256 TEXT PRIMARY KEY,
-    relpath TEXT NOT NULL,
-    size INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS media (
-    session TEXT NOT NULL,
-    media_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    sha256 TEXT NOT NULL REFERENCES blobs(sha256),
-    suffix TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    created REAL NOT NULL,
-    meta TEXT NOT NULL,
-    PRIMARY KEY (session, media_id)
-);
-CREATE INDEX IF NOT EXISTS media_by_sha ON media (sha256);
-CREATE TABLE IF NOT EXISTS counters (
-    session TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    last INTEGER NOT NULL,
-    PRIMARY KEY (session, kind)
-);
-"""
+def media_id(kind: str, number: int) -> str:
+    return f"{kind}-{number}"
+
+
+def blob_relpath(sha: str, suffix: str) -> str:
+    """Where a blob's file lies under a store's root."""
+    return f"blobs/{sha[:2]}/{sha}{suffix}"
+
+
+def write_blob(dest: Path, data: bytes) -> None:
+    """Write a blob file atomically and read-only: a reader never sees half of one."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.chmod(tmp, 0o444)  # blobs are never modified in place
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _kind(kind: str | None, suffix: str, what: str) -> str:
@@ -152,26 +181,28 @@ def _check_session(session: str) -> str:
 
 
 class MediaStore:
-    """Media files by id, per session. See the module docstring for the rules."""
+    """Media files by id, per session. See the module docstring for the rules.
+
+    `MediaStore(root, ...)` keeps everything under `root` (SQLite); `MediaStore(root, ...,
+    database=db)` keeps ids and bytes in that Postgres database and caches files under `root`."""
 
     def __init__(
-        self, root: str | Path, *, allowed_dirs: Iterable[str | Path] = (), limits: MediaLimits = MediaLimits()
+        self, root: str | Path, *, allowed_dirs: Iterable[str | Path] = (), limits: MediaLimits = MediaLimits(),
+        database: Database | None = None,
     ) -> None:
         self.root = Path(root).expanduser().resolve()
         self.allowed_dirs: list[Path] = [Path(d).expanduser().resolve() for d in allowed_dirs]
         self.limits = limits
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
-        self._lock = _root_lock(self.root)
-        # autocommit mode; transactions are explicit (BEGIN IMMEDIATE) so other processes wait
-        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
+        if database is None:
+            self._index: MediaIndex = SqliteMediaIndex(self.root)
+        else:
+            from tools.media_store_pg import PgMediaIndex
+
+            self._index = PgMediaIndex(database, self.root)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._index.close()
 
     def __enter__(self) -> MediaStore:
         return self
@@ -267,84 +298,19 @@ class MediaStore:
     ) -> MediaRecord:
         if not data:
             raise MediaError(f"the {kind} is empty (0 bytes); send it again")
-        sha = hashlib.sha256(data).hexdigest()
         meta_json = json.dumps(meta, sort_keys=True)  # fails early on meta that is not JSON-able
-        with self._lock, self._transaction() as db:
-            if reuse:
-                row = db.execute(
-                    "SELECT media_id FROM media WHERE session=? AND sha256=? AND kind=? AND origin='user' "
-                    "ORDER BY rowid LIMIT 1", (session, sha, kind),
-                ).fetchone()
-                if row is not None:
-                    return self._get(db, session, row[0])
-            self._write_blob(db, sha, suffix, data)
-            row = db.execute("SELECT last FROM counters WHERE session=? AND kind=?", (session, kind)).fetchone()
-            number = (row[0] if row else 0) + 1
-            db.execute(
-                "INSERT INTO counters (session, kind, last) VALUES (?, ?, ?) "
-                "ON CONFLICT (session, kind) DO UPDATE SET last=excluded.last", (session, kind, number),
-            )
-            media_id = f"{kind}-{number}"
-            db.execute(
-                "INSERT INTO media (session, media_id, kind, sha256, suffix, origin, created, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (session, media_id, kind, sha, suffix, origin, time.time(), meta_json),
-            )
-            return self._get(db, session, media_id)
-
-    def _write_blob(self, db: sqlite3.Connection, sha: str, suffix: str, data: bytes) -> None:
-        """The blob once: an existing one (any suffix) is kept; a new one is written atomically."""
-        row = db.execute("SELECT relpath FROM blobs WHERE sha256=?", (sha,)).fetchone()
-        if row is not None and (self.root / row[0]).is_file():
-            return
-        relpath = f"blobs/{sha[:2]}/{sha}{suffix}"
-        dest = self.root / relpath
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as fp:
-                fp.write(data)
-                fp.flush()
-                os.fsync(fp.fileno())
-            os.chmod(tmp, 0o444)  # blobs are never modified in place
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        db.execute(
-            "INSERT INTO blobs (sha256, relpath, size) VALUES (?, ?, ?) "
-            "ON CONFLICT (sha256) DO UPDATE SET relpath=excluded.relpath, size=excluded.size",
-            (sha, relpath, len(data)),
-        )
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
-            self._db.execute("COMMIT")
+        media = NewMedia(data, hashlib.sha256(data).hexdigest(), kind, suffix, origin, meta_json)
+        return self._index.add(session, media, reuse=reuse)
 
     # --- reading ------------------------------------------------------------------------------
 
     def get(self, session: str, media_id: str) -> MediaRecord:
         """The record of `media_id` in `session`; `MediaNotFoundError` (naming the known ids) if none."""
         _check_session(session)
-        with self._lock:
-            return self._get(self._db, session, media_id)
-
-    def _get(self, db: sqlite3.Connection, session: str, media_id: str) -> MediaRecord:
-        row = db.execute(
-            "SELECT m.media_id, m.kind, m.sha256, b.relpath, m.suffix, m.origin, m.created, m.meta "
-            "FROM media m JOIN blobs b ON b.sha256 = m.sha256 WHERE m.session=? AND m.media_id=?",
-            (session, str(media_id)),
-        ).fetchone()
-        if row is None:
+        record = self._index.get(session, str(media_id))
+        if record is None:
             raise MediaNotFoundError(self.not_found_message(session, media_id))
-        return self._record(row)
+        return record
 
     def not_found_message(self, session: str, media_id: object, kinds: Iterable[str] = KINDS) -> str:
         """Why `media_id` was not found, naming the session's ids of `kinds` (for tool errors too)."""
@@ -363,22 +329,10 @@ class MediaStore:
     def list(self, session: str) -> list[MediaRecord]:
         """The session's media in the order they were added."""
         _check_session(session)
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT m.media_id, m.kind, m.sha256, b.relpath, m.suffix, m.origin, m.created, m.meta "
-                "FROM media m JOIN blobs b ON b.sha256 = m.sha256 WHERE m.session=? ORDER BY m.rowid",
-                (session,),
-            ).fetchall()
-        return [self._record(row) for row in rows]
-
-    def _record(self, row: tuple) -> MediaRecord:
-        media_id, kind, sha, relpath, suffix, origin, created, meta = row
-        return MediaRecord(media_id, kind, sha, self.root / relpath, suffix, origin, created, json.loads(meta))
+        return self._index.list(session)
 
     def sessions(self) -> list[str]:
-        with self._lock:
-            rows = self._db.execute("SELECT DISTINCT session FROM media ORDER BY session").fetchall()
-        return [row[0] for row in rows]
+        return self._index.sessions()
 
     # --- deleting -----------------------------------------------------------------------------
 
@@ -386,6 +340,141 @@ class MediaStore:
         """Forget a session's ids and counters; delete blobs no other session refers to.
         Returns how many ids were forgotten."""
         _check_session(session)
+        return self._index.delete_session(session)
+
+
+# --- the SQLite index -----------------------------------------------------------------------------
+
+# One lock per store root in this process, so two MediaStore objects on one root do not race.
+_ROOT_LOCKS: dict[str, threading.RLock] = {}
+_ROOT_LOCKS_GUARD = threading.Lock()
+
+
+def _root_lock(root: Path) -> threading.RLock:
+    with _ROOT_LOCKS_GUARD:
+        return _ROOT_LOCKS.setdefault(str(root), threading.RLock())
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256 TEXT PRIMARY KEY,
+    relpath TEXT NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS media (
+    session TEXT NOT NULL,
+    media_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sha256 TEXT NOT NULL REFERENCES blobs(sha256),
+    suffix TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    created REAL NOT NULL,
+    meta TEXT NOT NULL,
+    PRIMARY KEY (session, media_id)
+);
+CREATE INDEX IF NOT EXISTS media_by_sha ON media (sha256);
+CREATE TABLE IF NOT EXISTS counters (
+    session TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    last INTEGER NOT NULL,
+    PRIMARY KEY (session, kind)
+);
+"""
+
+_SELECT = ("SELECT m.media_id, m.kind, m.sha256, b.relpath, m.suffix, m.origin, m.created, m.meta "
+           "FROM media m JOIN blobs b ON b.sha256 = m.sha256")
+
+
+class SqliteMediaIndex:
+    """Ids in `root/index.sqlite`, bytes in `root/blobs/`. The SQLite work and the blob writes of
+    one root run under one lock shared by every index of that root in the process; BEGIN IMMEDIATE
+    makes other processes wait."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = _root_lock(root)
+        # autocommit mode; transactions are explicit (BEGIN IMMEDIATE) so other processes wait
+        self._db = sqlite3.connect(root / "index.sqlite", check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, session: str, media: NewMedia, *, reuse: bool) -> MediaRecord:
+        with self._lock, self._transaction() as db:
+            if reuse:
+                row = db.execute(
+                    "SELECT media_id FROM media WHERE session=? AND sha256=? AND kind=? AND origin='user' "
+                    "ORDER BY rowid LIMIT 1", (session, media.sha256, media.kind),
+                ).fetchone()
+                if row is not None:
+                    return self._get(db, session, row[0])
+            self._write_blob(db, media)
+            row = db.execute("SELECT last FROM counters WHERE session=? AND kind=?", (session, media.kind)).fetchone()
+            number = (row[0] if row else 0) + 1
+            db.execute(
+                "INSERT INTO counters (session, kind, last) VALUES (?, ?, ?) "
+                "ON CONFLICT (session, kind) DO UPDATE SET last=excluded.last", (session, media.kind, number),
+            )
+            new_id = media_id(media.kind, number)
+            db.execute(
+                "INSERT INTO media (session, media_id, kind, sha256, suffix, origin, created, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (session, new_id, media.kind, media.sha256, media.suffix, media.origin, time.time(), media.meta_json),
+            )
+            return self._get(db, session, new_id)
+
+    def _write_blob(self, db: sqlite3.Connection, media: NewMedia) -> None:
+        """The blob once: an existing one (any suffix) is kept; a new one is written atomically."""
+        row = db.execute("SELECT relpath FROM blobs WHERE sha256=?", (media.sha256,)).fetchone()
+        if row is not None and (self.root / row[0]).is_file():
+            return
+        relpath = blob_relpath(media.sha256, media.suffix)
+        write_blob(self.root / relpath, media.data)
+        db.execute(
+            "INSERT INTO blobs (sha256, relpath, size) VALUES (?, ?, ?) "
+            "ON CONFLICT (sha256) DO UPDATE SET relpath=excluded.relpath, size=excluded.size",
+            (media.sha256, relpath, len(media.data)),
+        )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def get(self, session: str, media_id: str) -> MediaRecord | None:
+        with self._lock:
+            return self._get(self._db, session, media_id)
+
+    def _get(self, db: sqlite3.Connection, session: str, media_id: str) -> MediaRecord | None:
+        row = db.execute(f"{_SELECT} WHERE m.session=? AND m.media_id=?", (session, media_id)).fetchone()
+        return None if row is None else self._record(row)
+
+    def list(self, session: str) -> list[MediaRecord]:
+        with self._lock:
+            rows = self._db.execute(f"{_SELECT} WHERE m.session=? ORDER BY m.rowid", (session,)).fetchall()
+        return [self._record(row) for row in rows]
+
+    def _record(self, row: tuple) -> MediaRecord:
+        found_id, kind, sha, relpath, suffix, origin, created, meta = row
+        return MediaRecord(found_id, kind, sha, self.root / relpath, suffix, origin, created, json.loads(meta))
+
+    def sessions(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT session FROM media ORDER BY session").fetchall()
+        return [row[0] for row in rows]
+
+    def delete_session(self, session: str) -> int:
         with self._lock:
             with self._transaction() as db:
                 count = db.execute("SELECT COUNT(*) FROM media WHERE session=?", (session,)).fetchone()[0]

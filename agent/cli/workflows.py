@@ -35,9 +35,15 @@ def _pairs(items: list[str]) -> dict[str, str]:
 
 
 def _log(config: AgentConfig):
-    from graphs.workflow_runs import RunLog
+    from graphs.workflow_runs import PgRunLog, RunLog
+    from tools.database import Database, database_url
 
-    return RunLog(Path(config.data_dir).expanduser() / "workflows.sqlite")
+    url = database_url(config.database)
+    if url is None:
+        return RunLog(Path(config.data_dir).expanduser() / "workflows.sqlite")
+    database = Database(url)
+    database.check()
+    return PgRunLog(database)
 
 
 def run(args) -> int:
@@ -68,7 +74,8 @@ def run(args) -> int:
 
     runtime = Runtime(config)
     runner = WorkflowRunner(runtime.data_dir, store=runtime.store, tools_for=runtime.tools,
-                            thinker=lambda: runtime.thinker, tool_timeout=config.tool_timeout)
+                            thinker=lambda: runtime.thinker, tool_timeout=config.tool_timeout,
+                            database=runtime.database)
     try:
         if args.resume is None:
             schemas = {s["name"]: s["parameters"] for s in tool_schemas(runtime.tools(CHECK_SESSION))}
