@@ -46,9 +46,15 @@ class Runtime:
         if self.profile.embedder is None:
             return None
         from tools.embeddings import MiniLMEmbeddings
+
+        embeddings = MiniLMEmbeddings(self.profile.embedder)
+        if self.database is not None:  # pgvector with an HNSW index, shared by every replica
+            from tools.knowledge_base_pg import PgKnowledgeBase
+
+            return PgKnowledgeBase(self.database, embeddings)
         from tools.knowledge_base import KnowledgeBase
 
-        return KnowledgeBase(self.data_dir / "knowledge.sqlite", MiniLMEmbeddings(self.profile.embedder))
+        return KnowledgeBase(self.data_dir / "knowledge.sqlite", embeddings)
 
     def tools(self, session: str) -> list:
         if session not in self._tools:
