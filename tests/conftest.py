@@ -100,3 +100,14 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):
 def postgres_url(postgres_server) -> str:
     """The URL of a fresh, empty Postgres database of its own for this test."""
     return postgres_server()
+
+
+@pytest.fixture
+def database(postgres_url):
+    """A `Database` on a fresh Postgres database of its own for this test, at the current schema."""
+    from tools.database import Database
+
+    db = Database(postgres_url)
+    db.upgrade()
+    yield db
+    db.close()

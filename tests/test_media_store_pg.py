@@ -44,14 +44,6 @@ from tools.media_store import MediaNotFoundError, MediaStore, PathNotAllowedErro
 
 
 @pytest.fixture
-def database(postgres_url):
-    db = Database(postgres_url)
-    db.upgrade()
-    yield db
-    db.close()
-
-
-@pytest.fixture
 def store(tmp_path: Path, allowed: Path, database: Database):  # noqa: F811 - `allowed` is the imported fixture
     with MediaStore(tmp_path / "store", allowed_dirs=[allowed], database=database) as s:
         yield s

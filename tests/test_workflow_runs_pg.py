@@ -20,14 +20,6 @@ SPEC = WorkflowSpec.model_validate({"name": "once", "steps": [{"name": "a", "pro
 
 
 @pytest.fixture
-def database(postgres_url):
-    db = Database(postgres_url)
-    db.upgrade()
-    yield db
-    db.close()
-
-
-@pytest.fixture
 def runs(database):
     return PgRunLog(database)
 

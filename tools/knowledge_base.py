@@ -29,9 +29,10 @@ import json
 import sqlite3
 import threading
 import uuid
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from langchain_core.documents import Document
@@ -83,7 +84,172 @@ def _batches(items: Sequence[Any], size: int = _SQL_VARS) -> Iterator[Sequence[A
         yield items[start : start + size]
 
 
-class KnowledgeBase(VectorStore):
+class _ChunkStore(VectorStore):
+    """What the SQLite and the Postgres knowledge bases share: the argument checks and embedding of
+    a write, and the searches built on a store's `_search`; each store keeps only its storage."""
+
+    embedding: Embeddings
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the store holds."""
+
+    @abstractmethod
+    def _write(self, ids: list[str], texts: list[str], metadatas: list[str], vectors: np.ndarray) -> None:
+        """Upsert the chunks (one id, text, JSON metadata and vector each; of an id given twice, the last wins)."""
+
+    @abstractmethod
+    def _search(
+        self, embedding: Sequence[float], k: int, filter: Filter | None  # noqa: A002
+    ) -> list[tuple[Document, float, Any]]:
+        """(document, cosine distance, the store's row handle) of the k nearest chunks that match, nearest first."""
+
+    @abstractmethod
+    def _nearest_with_vectors(
+        self, embedding: Sequence[float], k: int, filter: Filter | None  # noqa: A002
+    ) -> list[tuple[Document, np.ndarray]]:
+        """The k nearest chunks that match, nearest first, each with its stored vector (for MMR)."""
+
+    @abstractmethod
+    def ids_where(self, filter: Filter) -> list[str]:  # noqa: A002
+        """Ids of the chunks whose metadata matches `filter` (same rules as the search filter)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    @property
+    def embeddings(self) -> Embeddings:
+        return self.embedding
+
+    def _vectors(self, texts: list[str]) -> np.ndarray:
+        vectors = np.asarray(self.embedding.embed_documents(texts), dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+            raise KnowledgeBaseError(
+                f"the embeddings {_embedding_name(self.embedding)!r} returned {vectors.shape} for "
+                f"{len(texts)} texts; expected one vector per text"
+            )
+        return vectors
+
+    def add_texts(
+        self,
+        texts: Iterable[str],
+        metadatas: list[dict[str, Any]] | None = None,
+        *,
+        ids: list[str | None] | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Embed and store texts; an id that is already stored is replaced (upsert), not duplicated.
+        Sentences that address the agent (tools/untrusted.py) do not count towards a text's vector.
+
+        Ids that are missing or None are generated (uuid4 hex). Metadata is stored as JSON; values
+        JSON cannot hold (a `Path`, a datetime) are stored as their `str()`.
+        """
+        texts = list(texts)
+        if metadatas is not None and len(metadatas) != len(texts):
+            raise ValueError(f"got {len(metadatas)} metadatas for {len(texts)} texts; give one per text")
+        if ids is not None and len(ids) != len(texts):
+            raise ValueError(f"got {len(ids)} ids for {len(texts)} texts; give one per text")
+        if not texts:
+            return []
+        final_ids = [str(i) if i else uuid.uuid4().hex for i in (ids or [None] * len(texts))]
+        rows = [
+            json.dumps(dict(metadata or {}), ensure_ascii=False, default=str)
+            for metadata in (metadatas or [{}] * len(texts))
+        ]
+        # before `_write` takes the store's lock: embedding is the slow part. An instruction planted
+        # in a chunk is not what the chunk is about: it is left out of the vector (and kept in the
+        # stored text)
+        vectors = self._vectors([redact(t, note="") or t for t in texts])
+        self._write(final_ids, texts, rows, vectors)
+        return final_ids
+
+    def add_documents(self, documents: list[Document], **kwargs: Any) -> list[str]:
+        """Store documents; `ids=` wins over each `Document.id`, and a missing id is generated."""
+        ids = kwargs.pop("ids", None)
+        if ids is None:
+            ids = [doc.id for doc in documents]
+        return self.add_texts(
+            [doc.page_content for doc in documents], [doc.metadata for doc in documents], ids=ids, **kwargs
+        )
+
+    def delete_where(self, filter: Filter) -> int:  # noqa: A002
+        """Delete every chunk whose metadata matches `filter`; returns how many were deleted."""
+        ids = self.ids_where(filter)
+        self.delete(ids)
+        return len(ids)
+
+    # --- searching -----------------------------------------------------------------------------
+
+    def similarity_search_with_score_by_vector(
+        self, embedding: Sequence[float], k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
+    ) -> list[tuple[Document, float]]:
+        """The k chunks nearest to `embedding` with their cosine similarity, nearest first."""
+        return [(doc, 1.0 - distance) for doc, distance, _ in self._search(embedding, k, filter)]
+
+    def similarity_search_with_score(
+        self, query: str, k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
+    ) -> list[tuple[Document, float]]:
+        """The k chunks nearest to `query` with their cosine similarity (higher is closer)."""
+        return self.similarity_search_with_score_by_vector(self.embedding.embed_query(query), k, filter)
+
+    def similarity_search_by_vector(
+        self, embedding: list[float], k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
+    ) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score_by_vector(embedding, k, filter)]
+
+    def similarity_search(
+        self, query: str, k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
+    ) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter)]
+
+    @staticmethod
+    def _similarity_to_relevance(similarity: float) -> float:
+        return min(1.0, max(0.0, (1.0 + similarity) / 2.0))
+
+    def _select_relevance_score_fn(self) -> Callable[[float], float]:
+        """Cosine similarity in [-1, 1] → relevance in [0, 1]."""
+        return self._similarity_to_relevance
+
+    def max_marginal_relevance_search_by_vector(
+        self,
+        embedding: list[float],
+        k: int = 4,
+        fetch_k: int = 20,
+        lambda_mult: float = 0.5,
+        filter: Filter | None = None,  # noqa: A002
+        **kwargs: Any,
+    ) -> list[Document]:
+        candidates = self._nearest_with_vectors(embedding, max(fetch_k, k), filter)
+        if not candidates:
+            return []
+        chosen = maximal_marginal_relevance(
+            np.asarray(embedding, dtype=np.float32),
+            np.stack([vector for _, vector in candidates]),
+            lambda_mult=lambda_mult,
+            k=k,
+        )
+        return [candidates[i][0] for i in chosen]
+
+    def max_marginal_relevance_search(
+        self,
+        query: str,
+        k: int = 4,
+        fetch_k: int = 20,
+        lambda_mult: float = 0.5,
+        filter: Filter | None = None,  # noqa: A002
+        **kwargs: Any,
+    ) -> list[Document]:
+        return self.max_marginal_relevance_search_by_vector(
+            self.embedding.embed_query(query), k, fetch_k, lambda_mult, filter
+        )
+
+
+class KnowledgeBase(_ChunkStore):
     """A vector store of text chunks in one SQLite file (or `":memory:"`)."""
 
     def __init__(self, path: str | Path, embedding: Embeddings) -> None:
@@ -183,59 +349,12 @@ class KnowledgeBase(VectorStore):
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> KnowledgeBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # --- writing -------------------------------------------------------------------------------
 
-    @property
-    def embeddings(self) -> Embeddings:
-        return self.embedding
-
-    def _vectors(self, texts: list[str]) -> np.ndarray:
-        vectors = np.asarray(self.embedding.embed_documents(texts), dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            raise KnowledgeBaseError(
-                f"the embeddings {_embedding_name(self.embedding)!r} returned {vectors.shape} for "
-                f"{len(texts)} texts; expected one vector per text"
-            )
-        return vectors
-
-    def add_texts(
-        self,
-        texts: Iterable[str],
-        metadatas: list[dict[str, Any]] | None = None,
-        *,
-        ids: list[str | None] | None = None,
-        **kwargs: Any,
-    ) -> list[str]:
-        """Embed and store texts; an id that is already stored is replaced (upsert), not duplicated.
-        Sentences that address the agent (tools/untrusted.py) do not count towards a text's vector.
-
-        Ids that are missing or None are generated (uuid4 hex). Metadata is stored as JSON; values
-        JSON cannot hold (a `Path`, a datetime) are stored as their `str()`.
-        """
-        texts = list(texts)
-        if metadatas is not None and len(metadatas) != len(texts):
-            raise ValueError(f"got {len(metadatas)} metadatas for {len(texts)} texts; give one per text")
-        if ids is not None and len(ids) != len(texts):
-            raise ValueError(f"got {len(ids)} ids for {len(texts)} texts; give one per text")
-        if not texts:
-            return []
-        final_ids = [str(i) if i else uuid.uuid4().hex for i in (ids or [None] * len(texts))]
-        rows = [
-            json.dumps(dict(metadata or {}), ensure_ascii=False, default=str)
-            for metadata in (metadatas or [{}] * len(texts))
-        ]
-        # outside the lock: embedding is the slow part. An instruction planted in a chunk is not
-        # what the chunk is about: it is left out of the vector (and kept in the stored text)
-        vectors = self._vectors([redact(t, note="") or t for t in texts])
+    def _write(self, ids: list[str], texts: list[str], metadatas: list[str], vectors: np.ndarray) -> None:
         with self._lock, self._conn:
             self._ensure_vectors(vectors.shape[1])
-            for id_, text, metadata, vector in zip(final_ids, texts, rows, vectors, strict=True):
+            for id_, text, metadata, vector in zip(ids, texts, metadatas, vectors, strict=True):
                 found = self._conn.execute("SELECT rowid FROM chunks WHERE id = ?", (id_,)).fetchone()
                 blob = vector.tobytes()
                 if found:
@@ -251,16 +370,6 @@ class KnowledgeBase(VectorStore):
                     self._conn.execute(
                         "INSERT INTO vec_chunks(rowid, embedding) VALUES (?, ?)", (cursor.lastrowid, blob)
                     )
-        return final_ids
-
-    def add_documents(self, documents: list[Document], **kwargs: Any) -> list[str]:
-        """Store documents; `ids=` wins over each `Document.id`, and a missing id is generated."""
-        ids = kwargs.pop("ids", None)
-        if ids is None:
-            ids = [doc.id for doc in documents]
-        return self.add_texts(
-            [doc.page_content for doc in documents], [doc.metadata for doc in documents], ids=ids, **kwargs
-        )
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         """Delete the chunks with these ids (unknown ids are ignored); `None` deletes everything."""
@@ -279,12 +388,6 @@ class KnowledgeBase(VectorStore):
                 self._conn.execute(f"DELETE FROM chunks WHERE rowid IN ({rmarks})", rowids)
                 self._conn.execute(f"DELETE FROM vec_chunks WHERE rowid IN ({rmarks})", rowids)
         return True
-
-    def delete_where(self, filter: Filter) -> int:  # noqa: A002
-        """Delete every chunk whose metadata matches `filter`; returns how many were deleted."""
-        ids = self.ids_where(filter)
-        self.delete(ids)
-        return len(ids)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -392,46 +495,10 @@ class KnowledgeBase(VectorStore):
                     return hits
                 fetch *= _OVERSAMPLE
 
-    def similarity_search_with_score_by_vector(
-        self, embedding: Sequence[float], k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
-    ) -> list[tuple[Document, float]]:
-        """The k chunks nearest to `embedding` with their cosine similarity, nearest first."""
-        return [(doc, 1.0 - distance) for doc, distance, _ in self._search(embedding, k, filter)]
-
-    def similarity_search_with_score(
-        self, query: str, k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
-    ) -> list[tuple[Document, float]]:
-        """The k chunks nearest to `query` with their cosine similarity (higher is closer)."""
-        return self.similarity_search_with_score_by_vector(self.embedding.embed_query(query), k, filter)
-
-    def similarity_search_by_vector(
-        self, embedding: list[float], k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
-    ) -> list[Document]:
-        return [doc for doc, _ in self.similarity_search_with_score_by_vector(embedding, k, filter)]
-
-    def similarity_search(
-        self, query: str, k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
-    ) -> list[Document]:
-        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter)]
-
-    @staticmethod
-    def _similarity_to_relevance(similarity: float) -> float:
-        return min(1.0, max(0.0, (1.0 + similarity) / 2.0))
-
-    def _select_relevance_score_fn(self) -> Callable[[float], float]:
-        """Cosine similarity in [-1, 1] → relevance in [0, 1]."""
-        return self._similarity_to_relevance
-
-    def max_marginal_relevance_search_by_vector(
-        self,
-        embedding: list[float],
-        k: int = 4,
-        fetch_k: int = 20,
-        lambda_mult: float = 0.5,
-        filter: Filter | None = None,  # noqa: A002
-        **kwargs: Any,
-    ) -> list[Document]:
-        candidates = self._search(embedding, max(fetch_k, k), filter)
+    def _nearest_with_vectors(
+        self, embedding: Sequence[float], k: int, filter: Filter | None  # noqa: A002
+    ) -> list[tuple[Document, np.ndarray]]:
+        candidates = self._search(embedding, k, filter)
         if not candidates:
             return []
         rowids = [rowid for _, _, rowid in candidates]
@@ -439,24 +506,7 @@ class KnowledgeBase(VectorStore):
             marks = ",".join("?" * len(rowids))
             sql = f"SELECT rowid, embedding FROM vec_chunks WHERE rowid IN ({marks})"
             blobs = dict(self._conn.execute(sql, rowids))
-        vectors = np.stack([np.frombuffer(blobs[r], dtype=np.float32) for r in rowids])
-        chosen = maximal_marginal_relevance(
-            np.asarray(embedding, dtype=np.float32), vectors, lambda_mult=lambda_mult, k=k
-        )
-        return [candidates[i][0] for i in chosen]
-
-    def max_marginal_relevance_search(
-        self,
-        query: str,
-        k: int = 4,
-        fetch_k: int = 20,
-        lambda_mult: float = 0.5,
-        filter: Filter | None = None,  # noqa: A002
-        **kwargs: Any,
-    ) -> list[Document]:
-        return self.max_marginal_relevance_search_by_vector(
-            self.embedding.embed_query(query), k, fetch_k, lambda_mult, filter
-        )
+        return [(doc, np.frombuffer(blobs[rowid], dtype=np.float32)) for doc, _, rowid in candidates]
 
     # --- construction --------------------------------------------------------------------------
 

@@ -24,21 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
-from langchain_core.vectorstores import VectorStore
-from langchain_core.vectorstores.utils import maximal_marginal_relevance
 from pgvector import Vector
 from psycopg import sql
 
 from tools.database import Database
-from tools.knowledge_base import _OVERSAMPLE, Filter, KnowledgeBase, KnowledgeBaseError, _embedding_name, _matches
-from tools.untrusted import redact
+from tools.knowledge_base import _OVERSAMPLE, Filter, KnowledgeBaseError, _ChunkStore, _embedding_name, _matches
 
 # candidates the HNSW search keeps per query. Random unit vectors, the hard case, measured recall@10
 # 0.95 at pgvector's default of 40 (3,000 of 64-d) and 0.79 at 100 (5,000 of 384-d), 1.0 at 200
@@ -71,7 +67,7 @@ def _narrowing(filter: Filter | None) -> tuple[str, list[Any]]:  # noqa: A002
     return "".join(f" AND {clause}" for clause in clauses), params
 
 
-class PgKnowledgeBase(VectorStore):
+class PgKnowledgeBase(_ChunkStore):
     """A vector store of text chunks in one collection of a shared Postgres database."""
 
     def __init__(
@@ -163,56 +159,9 @@ class PgKnowledgeBase(VectorStore):
     def close(self) -> None:
         """Nothing to close: the database belongs to whoever made it, and may serve others."""
 
-    def __enter__(self) -> PgKnowledgeBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # --- writing -------------------------------------------------------------------------------
 
-    @property
-    def embeddings(self) -> Embeddings:
-        return self.embedding
-
-    def _vectors(self, texts: list[str]) -> np.ndarray:
-        vectors = np.asarray(self.embedding.embed_documents(texts), dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            raise KnowledgeBaseError(
-                f"the embeddings {_embedding_name(self.embedding)!r} returned {vectors.shape} for "
-                f"{len(texts)} texts; expected one vector per text"
-            )
-        return vectors
-
-    def add_texts(
-        self,
-        texts: Iterable[str],
-        metadatas: list[dict[str, Any]] | None = None,
-        *,
-        ids: list[str | None] | None = None,
-        **kwargs: Any,
-    ) -> list[str]:
-        """Embed and store texts; an id that is already stored is replaced (upsert), not duplicated.
-        Sentences that address the agent (tools/untrusted.py) do not count towards a text's vector.
-
-        Ids that are missing or None are generated (uuid4 hex). Metadata is stored as JSON; values
-        JSON cannot hold (a `Path`, a datetime) are stored as their `str()`.
-        """
-        texts = list(texts)
-        if metadatas is not None and len(metadatas) != len(texts):
-            raise ValueError(f"got {len(metadatas)} metadatas for {len(texts)} texts; give one per text")
-        if ids is not None and len(ids) != len(texts):
-            raise ValueError(f"got {len(ids)} ids for {len(texts)} texts; give one per text")
-        if not texts:
-            return []
-        final_ids = [str(i) if i else uuid.uuid4().hex for i in (ids or [None] * len(texts))]
-        rows = [
-            json.dumps(dict(metadata or {}), ensure_ascii=False, default=str)
-            for metadata in (metadatas or [{}] * len(texts))
-        ]
-        # an instruction planted in a chunk is not what the chunk is about: it is left out of the
-        # vector (and kept in the stored text)
-        vectors = self._vectors([redact(t, note="") or t for t in texts])
+    def _write(self, ids: list[str], texts: list[str], metadatas: list[str], vectors: np.ndarray) -> None:
         dim = vectors.shape[1]
         with self.database.connection() as conn, conn.transaction():
             # read again, not cached: another process may have dropped the collection meanwhile
@@ -223,20 +172,10 @@ class PgKnowledgeBase(VectorStore):
                 _UPSERT,
                 [
                     (self.collection, id_, text, metadata, Vector(vector).to_text())
-                    for id_, text, metadata, vector in zip(final_ids, texts, rows, vectors, strict=True)
+                    for id_, text, metadata, vector in zip(ids, texts, metadatas, vectors, strict=True)
                 ],
             )
         self._recorded = recorded  # once committed: a write that failed recorded nothing
-        return final_ids
-
-    def add_documents(self, documents: list[Document], **kwargs: Any) -> list[str]:
-        """Store documents; `ids=` wins over each `Document.id`, and a missing id is generated."""
-        ids = kwargs.pop("ids", None)
-        if ids is None:
-            ids = [doc.id for doc in documents]
-        return self.add_texts(
-            [doc.page_content for doc in documents], [doc.metadata for doc in documents], ids=ids, **kwargs
-        )
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         """Delete the chunks with these ids (unknown ids are ignored); `None` deletes everything."""
@@ -249,12 +188,6 @@ class PgKnowledgeBase(VectorStore):
                     (self.collection, [str(i) for i in ids]),
                 )
         return True
-
-    def delete_where(self, filter: Filter) -> int:  # noqa: A002
-        """Delete every chunk whose metadata matches `filter`; returns how many were deleted."""
-        ids = self.ids_where(filter)
-        self.delete(ids)
-        return len(ids)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -366,62 +299,13 @@ class PgKnowledgeBase(VectorStore):
                     return hits[:k]
                 fetch *= _OVERSAMPLE
 
-    def similarity_search_with_score_by_vector(
-        self, embedding: Sequence[float], k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
-    ) -> list[tuple[Document, float]]:
-        """The k chunks nearest to `embedding` with their cosine similarity, nearest first."""
-        return [(doc, 1.0 - distance) for doc, distance, _ in self._search(embedding, k, filter)]
-
-    def similarity_search_with_score(
-        self, query: str, k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
-    ) -> list[tuple[Document, float]]:
-        """The k chunks nearest to `query` with their cosine similarity (higher is closer)."""
-        return self.similarity_search_with_score_by_vector(self.embedding.embed_query(query), k, filter)
-
-    def similarity_search_by_vector(
-        self, embedding: list[float], k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
-    ) -> list[Document]:
-        return [doc for doc, _ in self.similarity_search_with_score_by_vector(embedding, k, filter)]
-
-    def similarity_search(
-        self, query: str, k: int = 4, filter: Filter | None = None, **kwargs: Any  # noqa: A002
-    ) -> list[Document]:
-        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter)]
-
-    def _select_relevance_score_fn(self) -> Callable[[float], float]:
-        """Cosine similarity in [-1, 1] → relevance in [0, 1], as the SQLite store maps it."""
-        return KnowledgeBase._similarity_to_relevance
-
-    def max_marginal_relevance_search_by_vector(
-        self,
-        embedding: list[float],
-        k: int = 4,
-        fetch_k: int = 20,
-        lambda_mult: float = 0.5,
-        filter: Filter | None = None,  # noqa: A002
-        **kwargs: Any,
-    ) -> list[Document]:
-        candidates = self._search(embedding, max(fetch_k, k), filter, with_vectors=True)
-        if not candidates:
-            return []
-        vectors = np.stack([Vector.from_text(row["vector"]).to_numpy() for _, _, row in candidates])
-        chosen = maximal_marginal_relevance(
-            np.asarray(embedding, dtype=np.float32), vectors, lambda_mult=lambda_mult, k=k
-        )
-        return [candidates[i][0] for i in chosen]
-
-    def max_marginal_relevance_search(
-        self,
-        query: str,
-        k: int = 4,
-        fetch_k: int = 20,
-        lambda_mult: float = 0.5,
-        filter: Filter | None = None,  # noqa: A002
-        **kwargs: Any,
-    ) -> list[Document]:
-        return self.max_marginal_relevance_search_by_vector(
-            self.embedding.embed_query(query), k, fetch_k, lambda_mult, filter
-        )
+    def _nearest_with_vectors(
+        self, embedding: Sequence[float], k: int, filter: Filter | None  # noqa: A002
+    ) -> list[tuple[Document, np.ndarray]]:
+        return [
+            (doc, Vector.from_text(row["vector"]).to_numpy())
+            for doc, _, row in self._search(embedding, k, filter, with_vectors=True)
+        ]
 
     # --- construction --------------------------------------------------------------------------
 

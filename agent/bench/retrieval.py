@@ -11,12 +11,16 @@ the store's `similarity_search_with_score_by_vector` (query vector given), SQLit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
 DIM = 384
+
+T = TypeVar("T")
 
 
 class _Stored(Embeddings):
@@ -55,6 +59,13 @@ def exact_top_k(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
     return top[np.argsort(-scores[top])]
 
 
+def timed_ms(call: Callable[[], T]) -> tuple[T, float]:
+    """What `call()` returns, and how long it took in milliseconds: a search's latency."""
+    start = time.perf_counter()
+    result = call()
+    return result, (time.perf_counter() - start) * 1000
+
+
 def retrieval(n: int, work_dir: Path, *, queries: int = 100, k: int = 10, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -75,12 +86,10 @@ def retrieval(n: int, work_dir: Path, *, queries: int = 100, k: int = 10, progre
         store_ms, exact_ms, recalls = [], [], []
         for probe in tqdm(probes, desc=f"searching {n:,}", unit="query", disable=not progress):
             query = probe.tolist()
-            start = time.perf_counter()
-            hits = kb.similarity_search_with_score_by_vector(query, k=k)
-            store_ms.append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            truth = exact_top_k(vectors, probe, k)
-            exact_ms.append((time.perf_counter() - start) * 1000)
+            hits, ms = timed_ms(lambda: kb.similarity_search_with_score_by_vector(query, k=k))
+            store_ms.append(ms)
+            truth, ms = timed_ms(lambda: exact_top_k(vectors, probe, k))
+            exact_ms.append(ms)
             found = {int(doc.page_content.rsplit("-", 1)[1]) for doc, _ in hits}
             recalls.append(len(found & set(truth.tolist())) / k)
     finally:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agent.bench.retrieval import DIM, _Stored, corpus, exact_top_k
+from agent.bench.retrieval import DIM, _Stored, corpus, exact_top_k, timed_ms
 
 if TYPE_CHECKING:
     from tools.database import Database
@@ -99,12 +99,10 @@ def retrieval_pg(n: int, url: str, *, queries: int = 200, k: int = 10, progress:
         hnsw_ms, exact_ms, recalls, exact_recalls = [], [], [], []
         for probe in tqdm(probes, desc=f"searching {n:,}", unit="query", disable=not progress):
             query = probe.tolist()
-            start = time.perf_counter()
-            found = hnsw.similarity_search_with_score_by_vector(query, k=k)
-            hnsw_ms.append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            truth = exact.similarity_search_with_score_by_vector(query, k=k)
-            exact_ms.append((time.perf_counter() - start) * 1000)
+            found, ms = timed_ms(lambda: hnsw.similarity_search_with_score_by_vector(query, k=k))
+            hnsw_ms.append(ms)
+            truth, ms = timed_ms(lambda: exact.similarity_search_with_score_by_vector(query, k=k))
+            exact_ms.append(ms)
             truth_ids = {doc.id for doc, _ in truth}
             recalls.append(len({doc.id for doc, _ in found} & truth_ids) / k)
             numpy_ids = {f"chunk-{row}" for row in exact_top_k(vectors, probe, k).tolist()}
