@@ -7,12 +7,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.assets import home
 from models.config_files import problems, read_mapping
 from models.errors import ConfigError
+
+
+class RemoteBackbone(BaseModel):
+    """The backbone on an OpenAI-compatible engine instead of the profile's local MM-LLM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["openai"] = "openai"
+    base_url: str  # e.g. http://gpu-host:8000/v1
+    model: str  # the engine's model name
+    api_key_env: str | None = None  # the environment variable that holds its API key, if it needs one
+    timeout: float = Field(120.0, gt=0)
 
 
 class AgentConfig(BaseModel):
@@ -38,6 +51,9 @@ class AgentConfig(BaseModel):
     retrieve_k: int = Field(3, ge=0)
     history_turns: int = Field(4, ge=1)  # user turns of history the backbone sees
     max_new_tokens: int | None = None
+    # the controller's backbone on an OpenAI-compatible engine (vLLM, SGLang, llama.cpp, a hosted API):
+    # tools through its function calling; the profile's projectors and signal tokens are then unused
+    backbone: RemoteBackbone | None = None
 
     def tools_for(self, session: str) -> list[str] | None:
         return self.session_tools.get(session, self.tools)

@@ -81,6 +81,19 @@ class Runtime:
     def thinker(self):
         if self._thinker is not None:
             return self._thinker
+        remote = self.config.backbone
+        if remote is not None:
+            import os
+
+            from graphs.remote_thinker import OpenAIThinker
+
+            key = os.environ.get(remote.api_key_env) if remote.api_key_env else None
+            if remote.api_key_env and not key:
+                from models.errors import ConfigError
+
+                raise ConfigError(f"backbone.api_key_env names ${remote.api_key_env}, which is not set")
+            return OpenAIThinker(remote.base_url, remote.model, api_key=key, max_new_tokens=self.config.max_new_tokens,
+                                 timeout=remote.timeout)
         from graphs.thinker import BackboneThinker, ConditioningCache
         from models.mmllm import MMLLM
 

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from agent.server.schemas import ApiError, error_body
 from agent.server.turn_queue import TurnQueue
+from graphs.remote_thinker import BackboneUnavailableError
 from models.errors import AssetError, MediaTooLargeError, SignalgraphError
 
 
@@ -105,6 +106,8 @@ def error_status(exc: Exception) -> tuple[int, str]:
         return 413, str(exc)
     if isinstance(exc, AssetError):
         return 500, f"the server's models are not ready: {exc}"
+    if isinstance(exc, BackboneUnavailableError):
+        return 503, str(exc)
     if isinstance(exc, SignalgraphError):
         return 400, str(exc)
     return 500, f"internal error: {type(exc).__name__}: {exc}"
