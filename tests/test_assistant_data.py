@@ -4,9 +4,8 @@ kept knowledge, all rendered as the controller serves them."""
 from __future__ import annotations
 
 import json
-import random
 
-from agent.proofs.assistant_mix import CAPABILITY_HELD_OUT, CAPABILITY_QUESTIONS, assistant_mix, capability_lines
+from agent.proofs.assistant_mix import assistant_mix
 from agent.proofs.general_questions import HELD_OUT, correct, training_prompts
 from agent.proofs.plan_requests import KINDS, plan_requests, right_tools
 from graphs.capabilities import TOOL_WORDS, describe
@@ -83,15 +82,6 @@ def test_self_description_names_exactly_the_sessions_tools_and_skills():
     assert "send an email to a colleague" in describe([other], [])
 
 
-def test_capability_lines_answer_from_the_prompt_they_show():
-    lines = capability_lines(SCHEMAS, 30, random.Random(0))
-    for line in lines:
-        system, question, answer = (m["content"] for m in line["messages"])
-        assert question in CAPABILITY_QUESTIONS and question not in CAPABILITY_HELD_OUT
-        for name, words in TOOL_WORDS.items():
-            assert (words in answer) == (f"- {name}(" in system), (name, system, answer)
-
-
 def test_general_training_prompts_never_ask_a_held_out_question():
     prompts = training_prompts(300)
     assert len(prompts) == len(set(prompts)) == 300
@@ -106,15 +96,14 @@ def test_the_mix_is_valid_and_rendered_as_the_controller_serves_it(tmp_path):
     from graphs.thinker import render_prompt
 
     _, draw_it = _manifests(tmp_path, 48, 0)
-    skills = ["look at the images you attach"]
     teacher = [("What is gravity?", "Gravity pulls things together."), ("Name a fruit.", "An apple.")]
-    lines = assistant_mix(tmp_path, schemas=SCHEMAS, skills=skills, draw_it=draw_it, teacher=teacher,
+    lines = assistant_mix(tmp_path, schemas=SCHEMAS, draw_it=draw_it, teacher=teacher,
                           counts={"seeing": 30, "tool_sessions": 6, "tool_lines": 4, "drawing": 8, "plans": 6,
-                                  "capabilities": 5, "caller_tools": 7}, seed=0)
+                                  "caller_tools": 7}, seed=0)
     path = tmp_path / "mix.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     records = read_manifest(path)
-    assert len(records) == 30 + 6 + 4 + 8 + 6 + 5 + 7 + 2
+    assert len(records) == 30 + 6 + 4 + 8 + 6 + 7 + 2
     seeing = [r for r in records if r.media["image"]]
     framed = [r for r in seeing if r.messages[0]["role"] == "system"]
     assert len(framed) == 18  # 60% one question, as a person asks it through the CLI or the API
@@ -126,8 +115,7 @@ def test_the_mix_is_valid_and_rendered_as_the_controller_serves_it(tmp_path):
         if "\n\nAnswer from these notes" in user:
             continue  # retrieved notes: rendered by the same function, checked below for a tool line
         assert r.messages[:2] == render_prompt([HumanMessage(question + "\n[attached: image-1]")], tools=SCHEMAS,
-                                               passages=passages, media=[{"id": "image-1", "kind": "image"}],
-                                               skills=skills)
+                                               passages=passages, media=[{"id": "image-1", "kind": "image"}])
     replies = [m["content"] for r in records for m in r.messages if m["role"] == "assistant"]
     assert any(" says: " in r or "looks like" in r or "I said" in r for r in replies)  # the turn after a result
     users = [m["content"] for r in records for m in r.messages if m["role"] == "user"]

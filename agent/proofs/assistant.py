@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.proofs.joint import JOINT_DIR, LOCAL_DIR, install
 
 COUNTS = {"seeing": 1200, "tool_sessions": 250, "tool_lines": 250, "drawing": 250, "plans": 100,
-          "capabilities": 40, "caller_tools": 200, "general": 250}
+          "caller_tools": 200, "general": 250}
 GENERAL = 480  # everyday prompts asked of the untrained backbone; those it finishes are kept
 
 
@@ -60,7 +60,6 @@ def assistant(out: str, *, it_steps: int = 160, batch_size: int = 16, lr: float 
               install_weights: bool = False, seed: int = 0) -> int:
     from agent.proofs.assistant_mix import assistant_mix
     from agent.proofs.drawing import _manifests
-    from graphs.capabilities import SKILL_WORDS
     from models.training.stages import TrainConfig
     from models.training.trainer import train
 
@@ -70,11 +69,10 @@ def assistant(out: str, *, it_steps: int = 160, batch_size: int = 16, lr: float 
     started = time.perf_counter()
     start_profile, teacher = _start(out_dir, GENERAL, seed)
     schemas = served_tools(out_dir)
-    skills = [SKILL_WORDS["input", "image"], SKILL_WORDS["output", "image"]]  # what `local` has trained
     _, draw_it = _manifests(data, 2400, seed)
     mix = data / "assistant-it.jsonl"
     if not (resume and mix.exists()):
-        lines = assistant_mix(data, schemas=schemas, skills=skills, draw_it=draw_it,
+        lines = assistant_mix(data, schemas=schemas, draw_it=draw_it,
                               teacher=teacher[: COUNTS["general"]], counts=COUNTS, seed=seed)
         mix.write_text("".join(json.dumps(x) + "\n" for x in lines))
     tuned = train(TrainConfig.from_dict({"profile": str(start_profile), "out_dir": str(out_dir / "it"), "stages": [{

@@ -6,13 +6,12 @@ meet it in.
   states it (the turn after a result, HuggingGPT's response stage), and single requests;
 - drawing: requests answered with the model's own signal tokens;
 - plans: multi-step requests answered with a plan call (agent/proofs/plan_requests.py);
-- self-description: "what can you do?" answered from the tools and skills the prompt lists;
 - callers' tools: function calling with tools an app brings through the API
   (agent/proofs/caller_tool_requests.py);
 - kept knowledge: everyday prompts answered by the untrained backbone itself (self-distillation).
 
 Most lines are rendered by the controller's own `render_prompt` (system prompt with the `local`
-profile's runnable tools and trained skills, this turn's attachments, retrieved notes after the
+profile's runnable tools, this turn's attachments, retrieved notes after the
 user's words), so what is trained is exactly what a person meets through the CLI and the API.
 """
 
@@ -24,40 +23,20 @@ import re
 from pathlib import Path
 
 from agent.proofs.plan_requests import plan_requests
-from graphs.capabilities import SKILL_WORDS, describe
 from graphs.thinker import render_prompt, system_prompt
 
-# training phrasings of "what can you do?"; the held-out ones are in CAPABILITY_HELD_OUT
-CAPABILITY_QUESTIONS = [
-    "What can you do?", "Hi! What can you do?", "What are you able to help with?", "What are your skills?",
-    "Tell me what you can do.", "How can you help me?", "What kinds of things can you do for me?",
-    "Which tools do you have?", "What are you capable of?", "Hello, what can I ask you to do?",
-    "Can you list what you can do?", "What do you do?",
-]
+# held-out wordings of "what can you do?", for the evaluation of the controller's own answer
 CAPABILITY_HELD_OUT = ["Hey, what sort of tasks can you handle?", "What are you good at?",
                        "Could you tell me your abilities?", "What help can you give me?"]
-# tools other people register, so that self-description reads descriptions, not one fixed list
-OTHER_TOOLS = [
-    {"name": "send_email", "description": "Send an email to a colleague.",
-     "parameters": {"type": "object", "properties": {"to": {"type": "string"}, "body": {"type": "string"}},
-                    "required": ["to", "body"]}},
-    {"name": "get_weather", "description": "Get the weather forecast for a city.",
-     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
-    {"name": "set_timer", "description": "Set a timer for some minutes.",
-     "parameters": {"type": "object", "properties": {"minutes": {"type": "integer"}}, "required": ["minutes"]}},
-]
-ALL_SKILLS = list(SKILL_WORDS.values())
 
 
 MEDIA_ID = re.compile(r"\b(image|audio|video)-\d+\b")
 
 
-def served(messages: list, *, schemas: list[dict], skills: list[str], media: list[dict] = (),
-           passages: list[dict] = ()) -> dict:
+def served(messages: list, *, schemas: list[dict], media: list[dict] = (), passages: list[dict] = ()) -> dict:
     """LangChain messages as the controller's think step shows them to the backbone (the same
     `render_prompt`), as one manifest line."""
-    return {"messages": render_prompt(messages, tools=schemas, passages=list(passages), media=list(media),
-                                      skills=skills)}
+    return {"messages": render_prompt(messages, tools=schemas, passages=list(passages), media=list(media))}
 
 
 def _attached(text: str, rng: random.Random, p: float = 0.6) -> tuple[str, list[dict]]:
@@ -78,7 +57,7 @@ def note_passages(texts: list[str], rng: random.Random, p: float = 0.4) -> list[
              "text": " ".join(t.split()[:40])} for t in rng.sample(texts, min(3, len(texts)))]
 
 
-def seeing_lines(data: Path, count: int, *, schemas: list[dict], skills: list[str], notes: list[str],
+def seeing_lines(data: Path, count: int, *, schemas: list[dict], notes: list[str],
                  served_share: float, rng: random.Random, seed: int) -> list[dict]:
     """Easy-vqa questions in every style's training wordings; `served_share` of them one question
     with its image attached, as a person asks through the CLI or the API, the rest conversations of
@@ -94,7 +73,7 @@ def seeing_lines(data: Path, count: int, *, schemas: list[dict], skills: list[st
         line = json.loads(raw)
         question, answer = (m["content"] for m in line["messages"])
         media = [{"id": "image-1", "kind": "image"}]
-        lines.append({**served([HumanMessage(question + "\n[attached: image-1]")], schemas=schemas, skills=skills,
+        lines.append({**served([HumanMessage(question + "\n[attached: image-1]")], schemas=schemas,
                                media=media, passages=note_passages(notes, rng, 0.25))
                       | {"images": line["images"]}})
         lines[-1]["messages"].append({"role": "assistant", "content": answer})
@@ -102,7 +81,7 @@ def seeing_lines(data: Path, count: int, *, schemas: list[dict], skills: list[st
     return lines + [json.loads(x) for x in many]
 
 
-def drawing_lines(draw_it: Path, count: int, *, schemas: list[dict], skills: list[str],
+def drawing_lines(draw_it: Path, count: int, *, schemas: list[dict],
                   rng: random.Random) -> list[dict]:
     """Drawing requests answered with the model's own signal tokens, half of them as served."""
     from langchain_core.messages import HumanMessage
@@ -112,13 +91,13 @@ def drawing_lines(draw_it: Path, count: int, *, schemas: list[dict], skills: lis
         line = json.loads(raw)
         if rng.random() < 0.5:
             request, reply = line["messages"][0]["content"], line["messages"][-1]["content"]
-            framed = served([HumanMessage(request)], schemas=schemas, skills=skills)
+            framed = served([HumanMessage(request)], schemas=schemas)
             line = {**line, "messages": framed["messages"] + [{"role": "assistant", "content": reply}]}
         lines.append(line)
     return lines
 
 
-def tool_lines(items: list[dict], *, schemas: list[dict], skills: list[str], notes: list[str],
+def tool_lines(items: list[dict], *, schemas: list[dict], notes: list[str],
                per_conversation: int, rng: random.Random) -> list[dict]:
     """Tool requests as served: media attached or named from earlier turns, notes retrieved or not;
     with `per_conversation` > 0, sessions where each call is followed by its result and the reply
@@ -134,7 +113,7 @@ def tool_lines(items: list[dict], *, schemas: list[dict], skills: list[str], not
             text, media = _attached(item["request"], rng)
             calls = [{"id": f"c{i}{j}", "name": c["name"], "args": c["arguments"]} for j, c in enumerate(item["calls"])]
             answer = item["answer"] or render_tool_calls(AIMessage(content="", tool_calls=calls))
-            line = served([HumanMessage(text)], schemas=schemas, skills=skills, media=media,
+            line = served([HumanMessage(text)], schemas=schemas, media=media,
                           passages=note_passages(notes, rng))
             line["messages"].append({"role": "assistant", "content": answer})
             lines.append(line)
@@ -146,30 +125,17 @@ def tool_lines(items: list[dict], *, schemas: list[dict], skills: list[str], not
             text, media = _attached(episode[0].content, rng)
             messages += [HumanMessage(text), *episode[1:]]
         # the last turn's attachments and notes, as the controller renders its last think step
-        lines.append(served(messages, schemas=schemas, skills=skills, media=media, passages=note_passages(notes, rng)))
+        lines.append(served(messages, schemas=schemas, media=media, passages=note_passages(notes, rng)))
     return lines
 
 
-def capability_lines(schemas: list[dict], count: int, rng: random.Random) -> list[dict]:
-    lines = []
-    for _ in range(count):
-        tools = rng.sample(schemas, rng.randint(0, len(schemas)))
-        if rng.random() < 0.3:
-            tools.append(rng.choice(OTHER_TOOLS))
-        skills = [s for s in ALL_SKILLS if rng.random() < 0.5]
-        lines.append({"messages": [{"role": "system", "content": system_prompt(tools, [], skills)},
-                                   {"role": "user", "content": rng.choice(CAPABILITY_QUESTIONS)},
-                                   {"role": "assistant", "content": describe(tools, skills)}]})
-    return lines
-
-
-def plan_lines(schemas: list[dict], count: int, skills: list[str], seed: int) -> list[dict]:
+def plan_lines(schemas: list[dict], count: int, seed: int) -> list[dict]:
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
     from graphs.planner import PLAN_TOOL, plan_tool, planner_prompt
     from graphs.prompting import to_chat
 
-    system = system_prompt([plan_tool(schemas)], [], skills)
+    system = system_prompt([plan_tool(schemas)], [])
     lines = []
     for i, item in enumerate(plan_requests(count, seed=seed)):
         call = {"id": f"p{i}", "name": PLAN_TOOL, "args": {"tasks": item["tasks"]}}
@@ -179,16 +145,16 @@ def plan_lines(schemas: list[dict], count: int, skills: list[str], seed: int) ->
     return lines
 
 
-def general_lines(teacher_answers: list[tuple[str, str]], schemas: list[dict], skills: list[str],
+def general_lines(teacher_answers: list[tuple[str, str]], schemas: list[dict],
                   notes: list[str], rng: random.Random) -> list[dict]:
-    """Everyday prompts with the untrained backbone's own answers; half as served (tools, skills,
+    """Everyday prompts with the untrained backbone's own answers; half as served (tools,
     retrieved notes), so that what the controller adds does not change how it answers."""
     from langchain_core.messages import HumanMessage
 
     lines = []
     for prompt, answer in teacher_answers:
         if rng.random() < 0.5:
-            line = served([HumanMessage(prompt)], schemas=schemas, skills=skills, passages=note_passages(notes, rng))
+            line = served([HumanMessage(prompt)], schemas=schemas, passages=note_passages(notes, rng))
         else:
             line = {"messages": [{"role": "user", "content": prompt}]}
         line["messages"].append({"role": "assistant", "content": answer})
@@ -213,10 +179,10 @@ def teacher_answers(mm, prompts: list[str], max_new_tokens: int = 96) -> list[tu
     return out
 
 
-def assistant_mix(data: Path, *, schemas: list[dict], skills: list[str], draw_it: Path,
+def assistant_mix(data: Path, *, schemas: list[dict], draw_it: Path,
                   teacher: list[tuple[str, str]], counts: dict[str, int], seed: int = 0) -> list[dict]:
     """The mixed, shuffled manifest lines. `counts` has seeing, tool_sessions (two requests each),
-    tool_lines, drawing, plans, capabilities and caller_tools (general comes from `teacher`)."""
+    tool_lines, drawing, plans and caller_tools (general comes from `teacher`)."""
     from agent.proofs.caller_tool_requests import caller_tool_lines
     from agent.proofs.tool_requests import own_drawing, requests
 
@@ -227,14 +193,13 @@ def assistant_mix(data: Path, *, schemas: list[dict], skills: list[str], draw_it
     tool_items = [item for item in requests(wanted * 3, split="train", seed=seed, mix=(50, 35, 15))
                   if not own_drawing(item["request"]) and all(c["name"] in offered for c in item["calls"])][:wanted]
     cut = counts["tool_sessions"] * 2
-    lines = (seeing_lines(data, counts["seeing"], schemas=schemas, skills=skills, notes=notes, served_share=0.6,
+    lines = (seeing_lines(data, counts["seeing"], schemas=schemas, notes=notes, served_share=0.6,
                           rng=rng, seed=seed)
-             + drawing_lines(draw_it, counts["drawing"], schemas=schemas, skills=skills, rng=rng)
-             + tool_lines(tool_items[:cut], schemas=schemas, skills=skills, notes=notes, per_conversation=2, rng=rng)
-             + tool_lines(tool_items[cut:], schemas=schemas, skills=skills, notes=notes, per_conversation=0, rng=rng)
-             + plan_lines(schemas, counts["plans"], skills, seed)
-             + capability_lines(schemas, counts["capabilities"], rng)
+             + drawing_lines(draw_it, counts["drawing"], schemas=schemas, rng=rng)
+             + tool_lines(tool_items[:cut], schemas=schemas, notes=notes, per_conversation=2, rng=rng)
+             + tool_lines(tool_items[cut:], schemas=schemas, notes=notes, per_conversation=0, rng=rng)
+             + plan_lines(schemas, counts["plans"], seed)
              + caller_tool_lines(counts.get("caller_tools", 0), seed=seed)
-             + general_lines(teacher, schemas, skills, notes, rng))
+             + general_lines(teacher, schemas, notes, rng))
     rng.shuffle(lines)
     return lines
