@@ -17,8 +17,7 @@ from collections.abc import Callable
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage, ToolMessage
 
-from graphs.prompting import prompts
-from graphs.thinker import ConditioningCache, ThinkResult, system_prompt
+from graphs.thinker import ConditioningCache, ThinkResult, system_prompt, with_passages
 from models.errors import SignalgraphError
 from tools.untrusted import inert
 
@@ -45,12 +44,7 @@ def _openai_messages(messages: list[AnyMessage], system: str, passages: list[dic
             out.append(turn)
         elif isinstance(message, ToolMessage):
             out.append({"role": "tool", "tool_call_id": message.tool_call_id, "content": inert(message.text)})
-    if passages:  # after the user's own words, as for the local model
-        last = max(i for i, m in enumerate(out) if m["role"] == "user")
-        listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
-        out[last] = {**out[last], "content": out[last]["content"] + "\n\n"
-                     + prompts()["passages"].format(passages=listing).strip()}
-    return out
+    return with_passages(out, passages)  # as for the local model
 
 
 class OpenAIThinker:

@@ -88,11 +88,18 @@ def render_prompt(messages: list[AnyMessage], *, tools: list[dict], passages: li
     """The chat the backbone reads in a think step. Training data in the controller's format is
     rendered by this same function, so what is trained is exactly what is served."""
     chat, _ = to_chat(messages, system_prefix=system_prompt(tools, media), plain_tool_results=True)
-    if passages:  # after the user's own words, where small models look, not in the system prompt
-        last = max(i for i, m in enumerate(chat) if m["role"] == "user")
-        listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
-        chat[last] = {"role": "user", "content": chat[last]["content"] + "\n\n"
-                      + prompts()["passages"].format(passages=listing).strip()}
+    return with_passages(chat, passages)
+
+
+def with_passages(chat: list[dict], passages: list[dict]) -> list[dict]:
+    """The retrieved notes after the last user turn's words, where small models look, not in the
+    system prompt."""
+    if not passages:
+        return chat
+    last = max(i for i, m in enumerate(chat) if m["role"] == "user")
+    listing = "\n".join(f"[{p['source']}#{p['position']}] {p['text']}" for p in passages)
+    chat[last] = {**chat[last], "content": chat[last]["content"] + "\n\n"
+                  + prompts()["passages"].format(passages=listing).strip()}
     return chat
 
 
