@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -40,32 +41,59 @@ class Runtime:
         self.pool = default_pool()
         self._thinker = thinker
         self._tools: dict[str, list] = {}
+        self._knowledge_bases: dict[str | None, object] = {}
+        self._kb_lock = threading.Lock()
 
     @cached_property
     def knowledge_base(self):
-        if self.profile.embedder is None:
-            return None
+        """The default tenant's knowledge base (None when the profile has no embedder)."""
+        return self.knowledge_base_for(None)
+
+    @cached_property
+    def _embeddings(self):
         from tools.embeddings import MiniLMEmbeddings
 
-        embeddings = MiniLMEmbeddings(self.profile.embedder)
-        if self.database is not None:  # pgvector with an HNSW index, shared by every replica
-            from tools.knowledge_base_pg import PgKnowledgeBase
+        return MiniLMEmbeddings(self.profile.embedder)
 
-            return PgKnowledgeBase(self.database, embeddings)
-        from tools.knowledge_base import KnowledgeBase
+    def knowledge_base_for(self, tenant: str | None):
+        """`tenant`'s own knowledge base: a collection on Postgres, a file of its own in SQLite."""
+        if self.profile.embedder is None:
+            return None
+        with self._kb_lock:
+            if tenant not in self._knowledge_bases:
+                if self.database is not None:  # pgvector with an HNSW index, shared by every replica
+                    from tools.knowledge_base_pg import PgKnowledgeBase
 
-        return KnowledgeBase(self.data_dir / "knowledge.sqlite", embeddings)
+                    kb = PgKnowledgeBase(self.database, self._embeddings,
+                                         collection="default" if tenant is None else f"tenant:{tenant}")
+                else:
+                    from tools.knowledge_base import KnowledgeBase
+
+                    name = "knowledge.sqlite" if tenant is None else f"knowledge-{tenant}.sqlite"
+                    kb = KnowledgeBase(self.data_dir / name, self._embeddings)
+                self._knowledge_bases[tenant] = kb
+            return self._knowledge_bases[tenant]
+
+    @cached_property
+    def api_keys(self):
+        """Tenants' API keys, in the shared database or in keys.sqlite under the data folder."""
+        from tools.tenants import open_keys
+
+        return open_keys(self.database, self.data_dir)
 
     def tools(self, session: str) -> list:
         if session not in self._tools:
             from tools.expert_tools import ToolContext, build_tools, runnable_tools
+            from tools.tenants import tenant_of
 
+            tenant, own_id = tenant_of(session)
+            knowledge_base = self.knowledge_base_for(tenant)
             context = ToolContext(session=session, profile=self.profile, store=self.store, pool=self.pool,
-                                  output_dir=self.data_dir / "outputs", knowledge_base=self.knowledge_base)
-            allow = self.config.tools_for(session)
+                                  output_dir=self.data_dir / "outputs", knowledge_base=knowledge_base)
+            allow = self.config.tools_for(own_id)
             extra = {t.name: t for t in self.extra_tools}
             # no allowlist: the tools this profile can run (one without its model would only fail)
-            built = build_tools(context, allow=runnable_tools(self.profile, self.knowledge_base) if allow is None
+            built = build_tools(context, allow=runnable_tools(self.profile, knowledge_base) if allow is None
                                 else [n for n in allow if n not in extra])
             self._tools[session] = built + [t for name, t in extra.items() if allow is None or name in allow]
         return self._tools[session]
@@ -106,10 +134,15 @@ class Runtime:
 
         mm = getattr(self.thinker, "mm", None)
         return Controller(thinker=self.thinker, store=self.store, tools_for=self.tools, data_dir=self.data_dir,
-                          knowledge_base=self.knowledge_base, generate=self._generator(mm) if mm else None,
+                          knowledge_base_for=self._session_knowledge_base, generate=self._generator(mm) if mm else None,
                           max_steps=self.config.max_steps, tool_timeout=self.config.tool_timeout,
                           retrieve_k=self.config.retrieve_k, history_turns=self.config.history_turns,
                           guard=self.config.guard, database=self.database)
+
+    def _session_knowledge_base(self, session: str):
+        from tools.tenants import tenant_of
+
+        return self.knowledge_base_for(tenant_of(session)[0])
 
     @staticmethod
     def _generator(mm):
@@ -131,12 +164,12 @@ class Runtime:
 
     # --- knowledge base ingestion: media go through the same tools a session uses ------------
 
-    def _media_text(self, tool: str, argument: str, kind: str):
+    def _media_text(self, session: str, tool: str, argument: str, kind: str):
         from tools.expert_tools import call_tool
 
         def callback(path: Path) -> tuple[str, str]:
-            record = self.store.add_file(KB_SESSION, path, kind)
-            tools = {t.name: t for t in self.tools(KB_SESSION)}
+            record = self.store.add_file(session, path, kind)
+            tools = {t.name: t for t in self.tools(session)}
             outcome = call_tool(tools[tool], {argument: record.id})
             if outcome.error:
                 raise ValueError(outcome.error)
@@ -147,23 +180,30 @@ class Runtime:
 
         return callback
 
-    def ingest(self, paths: list[str], progress=None):
+    def ingest(self, paths: list[str], progress=None, *, tenant: str | None = None):
+        """Files into `tenant`'s knowledge base (the default one without a tenant)."""
         from tools.ingest import ingest_paths
+        from tools.tenants import check_tenant, scoped
 
-        if self.knowledge_base is None:
+        knowledge_base = self.knowledge_base_for(tenant if tenant is None else check_tenant(tenant))
+        if knowledge_base is None:
             from models.errors import ConfigError
 
             raise ConfigError(f"profile {self.profile.name!r} has no embedder, so it has no knowledge base")
-        names = {t.name for t in self.tools(KB_SESSION)}
+        session = scoped(tenant, KB_SESSION)
+        names = {t.name for t in self.tools(session)}
         return ingest_paths(
-            self.knowledge_base, paths, progress=progress,
-            transcribe=self._media_text("transcribe", "audio", "audio") if "transcribe" in names else None,
-            describe=self._media_text("describe_image", "image", "image") if "describe_image" in names else None,
+            knowledge_base, paths, progress=progress,
+            transcribe=self._media_text(session, "transcribe", "audio", "audio") if "transcribe" in names else None,
+            describe=self._media_text(session, "describe_image", "image", "image") if "describe_image" in names
+            else None,
         )
 
     def close(self) -> None:
         if "controller" in self.__dict__:
             self.controller.close()
+        if "api_keys" in self.__dict__:
+            self.api_keys.close()
         if self.database is not None:
             self.database.close()
 

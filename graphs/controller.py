@@ -62,13 +62,15 @@ class Controller:
     """Runs turns for isolated, persistent sessions."""
 
     def __init__(self, *, thinker: Thinker, store, tools_for: Callable[[str], list], data_dir: Path,
-                 knowledge_base=None, generate: Callable | None = None, max_steps: int = 3,
+                 knowledge_base=None, knowledge_base_for: Callable | None = None,
+                 generate: Callable | None = None, max_steps: int = 3,
                  tool_timeout: float = 120.0, retrieve_k: int = 3, history_turns: int = 4,
                  retrieve_min_score: float = 0.3, guard: bool = True, database=None):
         self.thinker = thinker
         self.store = store
         self.tools_for = tools_for  # session id -> that session's allowed LangChain tools
         self.knowledge_base = knowledge_base
+        self.knowledge_base_for = knowledge_base_for  # session id -> its tenant's store; else `knowledge_base`
         self.generate = generate  # (modality, conditioning) -> (bytes, suffix, meta)
         self.max_steps = max_steps
         self.tool_timeout = tool_timeout
@@ -121,13 +123,15 @@ class Controller:
             update["notices"] = [f"not attached: {note}" for note in notes]
         return update
 
-    def _retrieve(self, state: TurnState) -> dict:
-        if self.knowledge_base is None or self.retrieve_k == 0:
+    def _retrieve(self, state: TurnState, config) -> dict:
+        session = config["configurable"]["thread_id"]
+        knowledge_base = self.knowledge_base_for(session) if self.knowledge_base_for else self.knowledge_base
+        if knowledge_base is None or self.retrieve_k == 0:
             return {"passages": [], "trace": [_entry("retrieve", skipped="no knowledge base")]}
-        if getattr(self.knowledge_base, "count", lambda: 1)() == 0:
+        if getattr(knowledge_base, "count", lambda: 1)() == 0:
             return {"passages": [], "trace": [_entry("retrieve", skipped="the knowledge base is empty")]}
         query = state["messages"][-1].text
-        hits = self.knowledge_base.similarity_search_with_score(query, k=self.retrieve_k)
+        hits = knowledge_base.similarity_search_with_score(query, k=self.retrieve_k)
         passages = [{"text": doc.page_content, "source": Path(str(doc.metadata.get("source", "?"))).name,
                      "position": doc.metadata.get("position", 0), "score": round(float(score), 3)}
                     for doc, score in hits if score >= self.retrieve_min_score]

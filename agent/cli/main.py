@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     kb_search = kb_sub.add_parser("search", help="print the passages closest to a query, with sources")
     kb_search.add_argument("query")
     kb_search.add_argument("-k", type=int, default=5)
+    for sub in (kb_add, kb_search):
+        sub.add_argument("--tenant", help="that tenant's own knowledge base (default: the server's shared one)")
 
     sessions = commands.add_parser("sessions", help="list sessions, or delete one")
     sessions.set_defaults(run="agent.cli.turns:sessions")
@@ -135,6 +137,16 @@ def _parser() -> argparse.ArgumentParser:
                          "is pending)")
     db.add_argument("--url", help="a postgresql:// URL (default: the config's `database`, then "
                                   "$SIGNALGRAPH_DATABASE_URL)")
+
+    keys = commands.add_parser("keys", help="tenants' API keys: add one (shown once), list them, revoke one")
+    keys.set_defaults(run="agent.cli.keys:keys")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    keys_add = keys_sub.add_parser("add", help="a new key for a tenant; the server then requires keys")
+    keys_add.add_argument("tenant", help="the tenant's name (lowercase letters, digits, '-', '_')")
+    keys_add.add_argument("--name", default="", help="a note saying whose key it is")
+    keys_sub.add_parser("list", help="every key: id, tenant, name, made, revoked")
+    keys_revoke = keys_sub.add_parser("revoke", help="stop a key working, on every replica")
+    keys_revoke.add_argument("id")
 
     run = commands.add_parser("run", help="run a workflow file; every step is checkpointed, so a run resumes "
                                           "after a crash (see `runs`)")

@@ -29,9 +29,12 @@ def serve(args) -> int:
         print(f"loading the {runtime.profile.name} profile's backbone…", flush=True)
         app = create_app(runtime, api_key=key, queue_size=args.queue, max_concurrency=args.max_concurrency)
         where = f"http://{args.host}:{args.port}/"
-        print(f"serving signalgraph-{runtime.profile.name}: web chat at {where}, OpenAI API at {where}v1"
-              + (" (bearer token required)" if key else ""), flush=True)
-        if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        tenants = sorted({k.tenant for k in runtime.api_keys.list() if k.active})
+        guard = (f" (tenant keys for {', '.join(tenants)}" + (", and the server's key)" if key else ")") if tenants
+                 else " (bearer token required)" if key else "")
+        print(f"serving signalgraph-{runtime.profile.name}: web chat at {where}, OpenAI API at {where}v1{guard}",
+              flush=True)
+        if key is None and not tenants and args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {args.host} without an API key; anyone who can reach this port can "
                   "use the agent (set --api-key or $SIGNALGRAPH_API_KEY)", flush=True)
         server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),

@@ -8,7 +8,7 @@ import time
 
 from agent.config import load_config
 from agent.runtime import Runtime, trace_lines
-from models.errors import SignalgraphError
+from models.errors import ConfigError, SignalgraphError
 
 ATTACH = {"/image": "image", "/audio": "audio", "/video": "video"}
 
@@ -121,11 +121,17 @@ def kb(args) -> int:
         from tqdm import tqdm
 
         bar = tqdm(desc="ingesting", unit="file")
-        report = runtime.ingest(args.paths, progress=lambda path: (bar.set_postfix_str(path.name), bar.update()))
+        report = runtime.ingest(args.paths, progress=lambda path: (bar.set_postfix_str(path.name), bar.update()),
+                                tenant=args.tenant)
         bar.close()
         print(report.summary())
         return 0 if not report.skipped or report.chunks_added else 1
-    hits = runtime.knowledge_base.similarity_search_with_score(args.query, k=args.k)
+    from tools.tenants import check_tenant
+
+    knowledge_base = runtime.knowledge_base_for(args.tenant if args.tenant is None else check_tenant(args.tenant))
+    if knowledge_base is None:
+        raise ConfigError(f"profile {runtime.profile.name!r} has no embedder, so it has no knowledge base")
+    hits = knowledge_base.similarity_search_with_score(args.query, k=args.k)
     if not hits:
         print("no passages; add some with `signalgraph kb add PATH...`")
     for rank, (doc, score) in enumerate(hits, 1):
@@ -140,8 +146,6 @@ def sessions(args) -> int:
     controller = runtime.controller
     if args.action == "delete":
         if args.name not in controller.sessions():
-            from models.errors import ConfigError
-
             raise ConfigError(f"there is no session called {args.name!r}; see `signalgraph sessions`")
         controller.delete_session(args.name)
         print(f"deleted session {args.name!r}")

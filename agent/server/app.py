@@ -53,6 +53,7 @@ from agent.server.schemas import (
 )
 from agent.server.turn_queue import TurnQueue
 from models.errors import SignalgraphError
+from tools.tenants import scoped
 
 WEB = Path(__file__).with_name("web")
 _DRAIN_BYTES = 64 * 2**20  # read (and drop) this much of an oversized body, so the client gets its 413
@@ -112,15 +113,24 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
     async def _fault(request: Request, exc: Exception):
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
+    keys = runtime.api_keys
+
+    def authorize(request: Request) -> str | None:
+        """The request's tenant: None for the default one (an open server, or the single `api_key`)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if token:
+            if api_key is not None and secrets.compare_digest(token.encode(), api_key.encode()):
+                return None
+            tenant = keys.tenant(token)
+            if tenant is not None:
+                return tenant
+        if api_key is None and not keys.any_active():
+            return None  # an open server: OpenAI's clients send some key whatever the server wants
+        if not token:
             raise ApiError(401, "this server needs an API key: send 'Authorization: Bearer <key>'",
                            code="missing_api_key")
-        if not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "the API key is not valid for this server", code="invalid_api_key")
+        raise ApiError(401, "the API key is not valid for this server", code="invalid_api_key")
 
     guarded = [Depends(authorize)]
 
@@ -176,10 +186,10 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
         _check_model(model, model_id)
         return model_card()
 
-    @app.get("/v1/media/{session}/{media_id}", dependencies=guarded)
-    async def media(session: str, media_id: str):
+    @app.get("/v1/media/{session}/{media_id}")
+    async def media(session: str, media_id: str, tenant: str | None = Depends(authorize)):
         try:
-            record = runtime.store.get(session, media_id)
+            record = runtime.store.get(scoped(tenant, session), media_id)
         except SignalgraphError:
             raise ApiError(404, f"there is no media {media_id!r} in session {session!r}", param="media_id",
                            code="media_not_found") from None
@@ -187,17 +197,18 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
         return FileResponse(record.path, media_type=kind, filename=f"{record.id}{record.suffix}",
                             content_disposition_type="inline")
 
-    @app.get("/v1/sessions/{session}", dependencies=guarded)
-    async def session_history(request: Request, session: str):
-        state = await run_in_threadpool(runtime.controller.state, session)
-        pending = await run_in_threadpool(runtime.controller.pending, session)
+    @app.get("/v1/sessions/{session}")
+    async def session_history(request: Request, session: str, tenant: str | None = Depends(authorize)):
+        thread = scoped(tenant, session)
+        state = await run_in_threadpool(runtime.controller.state, thread)
+        pending = await run_in_threadpool(runtime.controller.pending, thread)
         return {"session": session, "turns": session_turns(state, lambda m: media_item(request, session, m)),
                 "pending": pending}
 
     # --- chat completions ---------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(request: Request):
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, tenant: str | None = Depends(authorize)):
         body = await _read_body(request, body_limit)
         # parsing and decoding media take a while for large bodies: off the event loop
         req = await run_in_threadpool(_parse, body)
@@ -208,9 +219,10 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
             headers, key = {}, None
         else:
             session = session_id(request, req)
-            prepared = await run_in_threadpool(prepare_turn, runtime, req, session, uploads)
-            job = controller_job(runtime, session, prepared, lambda m: media_item(request, session, m))
-            headers, key = {SESSION_HEADER: session}, session
+            thread = scoped(tenant, session)  # the tenant's own session of that name
+            prepared = await run_in_threadpool(prepare_turn, runtime, req, thread, uploads)
+            job = controller_job(runtime, thread, prepared, lambda m: media_item(request, session, m))
+            headers, key = {SESSION_HEADER: session}, thread
         if not req.stream:
             future = queue.submit(lambda: job(None), key)
             reply = await asyncio.wrap_future(future)

@@ -26,6 +26,7 @@ from agent.server.schemas import (
     decode_image_url,
 )
 from models.errors import MediaError, MediaTooLargeError
+from tools.tenants import tenant_of
 
 SESSION_HEADER = "X-Session-Id"
 
@@ -107,6 +108,7 @@ def _seed(controller, session: str, history: list[Message]) -> None:
 
 
 def controller_job(runtime: Runtime, session: str, prepared: dict, media_item: Callable[[str], dict]) -> Callable:
+    """`session` is the thread (tools.tenants.scoped): the reply names it as its tenant knows it."""
     def job(on_text: Callable[[str], None] | None) -> dict:
         controller = runtime.controller
         _seed(controller, session, prepared["history"])
@@ -131,7 +133,8 @@ def controller_job(runtime: Runtime, session: str, prepared: dict, media_item: C
             unstreamed = ("\n\n" if said else "") + result.text
         media = [media_item(m["id"]) for m in result.media]
         links = [f"![{m['id']}]({m['url']})" if m["kind"] == "image" else f"[{m['id']}]({m['url']})" for m in media]
-        extension = {"session": session, "media": media, "citations": result.citations, "notices": result.notices,
+        extension = {"session": tenant_of(session)[1], "media": media, "citations": result.citations,
+                     "notices": result.notices,
                      "pending": result.pending,  # an action waiting for the user's yes or no (the reply asks)
                      "trace": json.loads(json.dumps(result.trace, default=str))}
         usage = {"prompt_tokens": result.usage["prompt_tokens"], "completion_tokens": result.usage["completion_tokens"],
