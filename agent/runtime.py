@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import threading
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 from agent.config import AgentConfig
@@ -19,7 +18,9 @@ class Runtime:
     """Shared state lives under `config.data_dir` (SQLite), or in the configured Postgres database;
     heavy models load on first use, once."""
 
-    def __init__(self, config: AgentConfig, profile: ProfileSpec | None = None, *, thinker=None):
+    def __init__(self, config: AgentConfig, profile: ProfileSpec | None = None, *, thinker=None, pool=None):
+        """`thinker` and `pool`: the backbone and the expert models when they live elsewhere (Ray
+        Serve deployments); by default both load in this process."""
         self.config = config
         self.profile = profile or load_profile(config.profile)
         check_ready(self.profile)
@@ -38,7 +39,7 @@ class Runtime:
                 raise
         self.store = MediaStore(self.data_dir / "media", allowed_dirs=config.allowed_dirs, limits=self.profile.limits,
                                 database=self.database)  # on Postgres, the folder only caches the database's bytes
-        self.pool = default_pool()
+        self.pool = pool or default_pool()
         self._thinker = thinker
         self._tools: dict[str, list] = {}
         self._knowledge_bases: dict[str | None, object] = {}
@@ -53,7 +54,7 @@ class Runtime:
     def _embeddings(self):
         from tools.embeddings import MiniLMEmbeddings
 
-        return MiniLMEmbeddings(self.profile.embedder)
+        return self.pool.get("embedder", self.profile.embedder, MiniLMEmbeddings)
 
     def knowledge_base_for(self, tenant: str | None):
         """`tenant`'s own knowledge base: a collection on Postgres, a file of its own in SQLite."""
@@ -131,10 +132,13 @@ class Runtime:
     @cached_property
     def controller(self):
         from graphs.controller import Controller
+        from graphs.thinker import generate_media
 
         mm = getattr(self.thinker, "mm", None)
+        # the output projectors' generators: in this process, or where the thinker's backbone runs
+        generate = partial(generate_media, mm) if mm else getattr(self.thinker, "generate", None)
         return Controller(thinker=self.thinker, store=self.store, tools_for=self.tools, data_dir=self.data_dir,
-                          knowledge_base_for=self._session_knowledge_base, generate=self._generator(mm) if mm else None,
+                          knowledge_base_for=self._session_knowledge_base, generate=generate,
                           max_steps=self.config.max_steps, tool_timeout=self.config.tool_timeout,
                           retrieve_k=self.config.retrieve_k, history_turns=self.config.history_turns,
                           guard=self.config.guard, database=self.database)
@@ -143,24 +147,6 @@ class Runtime:
         from tools.tenants import tenant_of
 
         return self.knowledge_base_for(tenant_of(session)[0])
-
-    @staticmethod
-    def _generator(mm):
-        def generate(modality: str, conditioning: dict):
-            generator = mm.generator(modality)
-            batch = {name: tensor.unsqueeze(0) for name, tensor in conditioning.items()}
-            if modality == "image":
-                image = generator.generate(batch)[0]
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                return buffer.getvalue(), ".png", {"via": "output projector"}
-            import soundfile
-
-            buffer = io.BytesIO()
-            soundfile.write(buffer, generator.generate(batch)[0], generator.sample_rate, format="WAV")
-            return buffer.getvalue(), ".wav", {"via": "output projector"}
-
-        return generate
 
     # --- knowledge base ingestion: media go through the same tools a session uses ------------
 

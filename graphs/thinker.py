@@ -179,3 +179,19 @@ def _drop_cut_call(text: str) -> str:
     """A tool call still open when the token limit hit was cut off, not written wrongly: drop it."""
     start = text.rfind("<tool_call>")
     return text[:start] if start != -1 and "</tool_call>" not in text[start:] else text
+
+
+def generate_media(mm, modality: str, conditioning: dict) -> tuple[bytes, str, dict]:
+    """The output projector's generator on a signal span's conditioning: (bytes, suffix, meta)."""
+    import io
+
+    generator = mm.generator(modality)
+    batch = {name: tensor.unsqueeze(0) for name, tensor in conditioning.items()}
+    buffer = io.BytesIO()
+    if modality == "image":
+        generator.generate(batch)[0].save(buffer, format="PNG")
+        return buffer.getvalue(), ".png", {"via": "output projector"}
+    import soundfile
+
+    soundfile.write(buffer, generator.generate(batch)[0], generator.sample_rate, format="WAV")
+    return buffer.getvalue(), ".wav", {"via": "output projector"}

@@ -180,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="turns that run at once, their decoding batched on the backbone (default 8)")
     serve.add_argument("--drain-seconds", type=float, default=120.0,
                        help="on SIGTERM, how long running turns may take to finish while new ones get 503")
+    serve.add_argument("--ray", action="store_true", help="the backbone and each expert model as Ray Serve "
+                       "deployments, with their own replicas and resources (docs/scaling.md)")
+    serve.add_argument("--address", help="with --ray: a running Ray cluster's address (default: start a local one)")
+    serve.add_argument("--deployments", metavar="YAML", help="with --ray: replicas, num_cpus, num_gpus and "
+                       "autoscaling per deployment (examples/ray-deployments.yaml)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 

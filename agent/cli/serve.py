@@ -24,6 +24,18 @@ def serve(args) -> int:
     if args.profile:
         config.profile = args.profile
     key = args.api_key or os.environ.get("SIGNALGRAPH_API_KEY") or None
+    if args.ray:
+        from agent.server.ray_app import load_deployments, serve_on_ray
+        from models.profiles import check_ready, load_profile
+
+        profile = load_profile(config.profile)
+        check_ready(profile)
+        return serve_on_ray(config, profile, deployments=load_deployments(args.deployments), address=args.address,
+                            host=args.host, port=args.port,
+                            app_options={"api_key": key, "queue_size": args.queue,
+                                         "max_concurrency": args.max_concurrency})
+    if args.address or args.deployments:
+        raise ConfigError("--address and --deployments go with --ray")
     runtime = Runtime(config)
     try:
         print(f"loading the {runtime.profile.name} profile's backbone…", flush=True)
