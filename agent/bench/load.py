@@ -1,4 +1,6 @@
-"""`signalgraph bench load`: many concurrent streaming sessions against a real `signalgraph serve`.
+"""`signalgraph bench load`: many concurrent streaming sessions against a real `signalgraph serve`,
+or against several replicas of it on one Postgres database (`--replicas N`), where each session's
+turns go to the replicas in turn, so every turn runs on another process than the last.
 
 Bounded in time and turns, loopback only. Each session writes a nonce of its own into every turn;
 a fault is any 5xx, any error sent inside a stream, a reply or stored history that holds another
@@ -39,7 +41,7 @@ def _slope_mib_per_min(samples: list[tuple[float, int]]) -> float:
     return round(float(np.polyfit(t, rss, 1)[0] * 60), 3)
 
 
-async def _drive(server: ServeProcess, sessions: int, seconds: float, min_turns: int,
+async def _drive(servers: list[ServeProcess], sessions: int, seconds: float, min_turns: int,
                  sample_every: float, progress: bool) -> dict:
     import httpx
     from tqdm import tqdm
@@ -62,6 +64,7 @@ async def _drive(server: ServeProcess, sessions: int, seconds: float, min_turns:
             text = f"Session {nonce}, turn {k}: please repeat the code {nonce}-{k}."
             sent[name].append(text)
             try:
+                server = servers[(index + k) % len(servers)]  # the session moves on every turn
                 turn = await stream_turn_async(client, server.url, server.model, name, text)
                 record = {"session": index, "status": turn.status, "seconds": turn.seconds,
                           "first_token_s": turn.first_token_s, "error": turn.error, "finished": turn.finished,
@@ -81,7 +84,7 @@ async def _drive(server: ServeProcess, sessions: int, seconds: float, min_turns:
         with tqdm(total=round(seconds), desc=f"load: {sessions} sessions", unit="s", disable=not progress) as bar:
             while not finished.is_set():
                 now = time.perf_counter() - start
-                samples.append((now, server.rss()))
+                samples.append((now, sum(server.rss() for server in servers)))
                 bar.n = min(round(now), bar.total)
                 bar.set_postfix(turns=len(turns), rss=f"{samples[-1][1] / MiB:.0f}MiB", refresh=True)
                 try:
@@ -96,7 +99,7 @@ async def _drive(server: ServeProcess, sessions: int, seconds: float, min_turns:
     limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=30)) as client:
         await asyncio.gather(sampler(), all_sessions(client))
-    samples.append((time.perf_counter() - start, server.rss()))
+    samples.append((time.perf_counter() - start, sum(server.rss() for server in servers)))
     return {"nonces": nonces, "names": names, "sent": sent, "turns": turns, "samples": samples,
             "wall_s": time.perf_counter() - start}
 
@@ -115,22 +118,32 @@ def _check_histories(server: ServeProcess, run: dict) -> tuple[list[str], list[s
 
 
 def load_test(profile: str, work_dir: Path, *, sessions: int = 32, seconds: float = 120.0,
-              min_turns: int = 1, sample_every: float = 1.0, progress: bool = True) -> dict:
-    """Run the load test against a fresh server; returns the figures (see the module doc)."""
-    if sessions < 1 or seconds <= 0:
-        raise ConfigError(f"the load test needs at least 1 session and some seconds (got {sessions}, {seconds:g})")
+              min_turns: int = 1, sample_every: float = 1.0, progress: bool = True,
+              replicas: int = 1, database: str | None = None) -> dict:
+    """Run the load test against fresh servers; returns the figures (see the module doc). With
+    several replicas, `database` is their shared Postgres (it must be empty of these sessions)."""
+    if sessions < 1 or seconds <= 0 or replicas < 1:
+        raise ConfigError(f"the load test needs at least 1 session, 1 replica and some seconds (got {sessions}, "
+                          f"{replicas}, {seconds:g})")
+    if replicas > 1 and database is None:
+        raise ConfigError("several replicas share their sessions only through a Postgres database: give --database")
     data = Path(work_dir) / f"load-{Path(profile).stem}"
     shutil.rmtree(data, ignore_errors=True)  # every run starts from empty sessions
-    server = ServeProcess(data, profile, queue=sessions)
+    config = {"database": database} if database else None
+    servers = [ServeProcess(data / f"replica-{i}", profile, queue=sessions, config=config) for i in range(replicas)]
     try:
-        server.start()
-        ready_s = server.wait_ready()
-        stream_turn(server.url, server.model, "load-warm-up", "hello")  # first-use loading is not load
-        run = asyncio.run(_drive(server, sessions, seconds, min_turns, sample_every, progress))
-        mismatched, history_leaks = _check_histories(server, run)
-        alive = server.process.poll() is None
+        for server in servers:
+            server.start()
+        ready_s = max(server.wait_ready() for server in servers)
+        for server in servers:
+            stream_turn(server.url, server.model, f"load-warm-up-{server.port}", "hello")  # first use is not load
+        run = asyncio.run(_drive(servers, sessions, seconds, min_turns, sample_every, progress))
+        mismatched, history_leaks = _check_histories(servers[-1], run)
+        alive = all(server.process.poll() is None for server in servers)
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
+    server = servers[0]
     turns, samples = run["turns"], run["samples"]
     ok = [t for t in turns if t["status"] == 200 and not t["error"] and t["finished"]]
     statuses: dict[str, int] = {}
@@ -139,6 +152,7 @@ def load_test(profile: str, work_dir: Path, *, sessions: int = 32, seconds: floa
     rss = [s[1] for s in samples]
     return {
         "profile": server.model.removeprefix("signalgraph-"), "sessions": sessions, "seconds": seconds,
+        "replicas": replicas, "database": "postgres" if database else "sqlite",
         "ready_s": round(ready_s, 3), "wall_s": round(run["wall_s"], 3), "turns": len(turns), "ok_turns": len(ok),
         "turns_per_s": round(len(ok) / run["wall_s"], 3), "statuses": statuses,
         "server_errors": sum(1 for t in turns if t["status"] >= 500 or t["status"] == 0),
@@ -181,16 +195,33 @@ def passed(result: dict) -> bool:
             and result["history_mismatches"] == 0 and result["history_leaks"] == 0 and result["server_alive"])
 
 
-def run(out: str, profile: str | None, *, sessions: int, seconds: float) -> int:
-    """`signalgraph bench load`: the test, then load.json and load_rss.png under `out`."""
+def run(out: str, profile: str | None, *, sessions: int, seconds: float, replicas: int = 1,
+        database: str | None = None) -> int:
+    """`signalgraph bench load`: the test, then load.json and load_rss.png under `out`. Several
+    replicas without `database` run on an embedded Postgres started here (the test extra)."""
     import os
+    from contextlib import ExitStack
 
     profile = profile or os.environ.get("SIGNALGRAPH_PROFILE") or "local"
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = load_test(profile, out_dir / "work", sessions=sessions, seconds=seconds)
-    (out_dir / "load.json").write_text(json.dumps(result, indent=1))
-    plot_rss(result, out_dir / "load_rss.png")
+    with ExitStack() as stack:
+        if replicas > 1 and database is None:
+            from agent.bench.postgres import embedded_postgres
+
+            database = stack.enter_context(embedded_postgres("load-replicas-"))
+        if database is not None:
+            from tools.database import Database
+
+            shared = Database(database)
+            shared.upgrade()
+            shared.close()
+        result = load_test(profile, out_dir / "work", sessions=sessions, seconds=seconds, replicas=replicas,
+                           database=database)
+    name = "load" if replicas == 1 else f"load-{replicas}-replicas"
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    plot_rss(result, out_dir / f"{name}_rss.png")
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}, indent=1))
-    print("PASS" if passed(result) else "FAIL", f"(written to {out_dir / 'load.json'})")
+    print("PASS" if passed(result) else "FAIL", f"(written to {out_dir / f'{name}.json'})")
     return 0 if passed(result) else 1
+

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from agent.bench.postgres import embedded_postgres
 from agent.bench.retrieval import DIM, _Stored, corpus, exact_top_k, timed_ms
 
 if TYPE_CHECKING:
@@ -147,16 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", help="a postgresql:// URL; without one, an embedded PostgreSQL is started")
     parser.add_argument("--out", default="results/bench/retrieval-pg")
     args = parser.parse_args(argv)
-    if args.database:
-        result = retrieval_pg(args.chunks, args.database, queries=args.queries, k=args.k)
-    else:
-        import embedded_postgres
-
-        server = embedded_postgres.get_server(tempfile.mkdtemp(prefix="retrieval-pg-"), cleanup_mode="delete")
-        try:
-            result = retrieval_pg(args.chunks, server.get_uri(), queries=args.queries, k=args.k)
-        finally:
-            server.cleanup()
+    with ExitStack() as stack:
+        url = args.database or stack.enter_context(embedded_postgres("retrieval-pg-"))
+        result = retrieval_pg(args.chunks, url, queries=args.queries, k=args.k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"retrieval-pg-{args.chunks}.json").write_text(json.dumps(result, indent=2))

@@ -18,7 +18,8 @@ def bench(args) -> int:
     if args.suite == "load":
         from agent.bench.load import run
 
-        return run(args.out, args.profile, sessions=args.sessions, seconds=args.seconds)
+        return run(args.out, args.profile, sessions=args.sessions, seconds=args.seconds, replicas=args.replicas,
+                   database=args.database)
     from agent.bench.report import run
 
     return run(args.out, args.profile, only=args.only, quick=args.quick, turns=args.turns,

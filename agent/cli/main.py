@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="the report in small sizes (tiny profile unless "
                                                             "--profile): a check that it runs, not figures")
     bench.add_argument("--sessions", type=int, default=32, help="load: concurrent streaming sessions")
+    bench.add_argument("--replicas", type=int, default=1, help="load: servers on one Postgres database, each "
+                       "session's turns sent to them in turn")
+    bench.add_argument("--database", help="load: the replicas' postgresql:// URL (default: an embedded Postgres)")
     bench.add_argument("--seconds", type=float, default=120.0,
                        help="load: seconds during which sessions start new turns")
 
