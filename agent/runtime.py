@@ -122,7 +122,7 @@ class Runtime:
 
                 raise ConfigError(f"backbone.api_key_env names ${remote.api_key_env}, which is not set")
             return OpenAIThinker(remote.base_url, remote.model, api_key=key, max_new_tokens=self.config.max_new_tokens,
-                                 timeout=remote.timeout)
+                                 timeout=remote.timeout, tool_calls=remote.tool_calls)
         from graphs.thinker import BackboneThinker, ConditioningCache
         from models.mmllm import MMLLM
 

@@ -51,9 +51,13 @@ class OpenAIThinker:
     """A `Thinker` whose backbone is a model behind an OpenAI-compatible `/v1/chat/completions`."""
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, max_new_tokens: int | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, tool_calls: str = "native"):
+        """`tool_calls`: "native" sends the tools as the engine's function calling; "schema" asks for
+        the call as JSON under a schema of the tools (`response_format`), for engines whose function
+        calling does not constrain the arguments but whose structured outputs do."""
         from openai import OpenAI
 
+        self.tool_calls = tool_calls
         self.base_url = base_url
         self.model = model
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=2)
@@ -69,12 +73,16 @@ class OpenAIThinker:
 
         request = {"model": self.model, "messages": _openai_messages(messages, system_prompt([], media), passages),
                    "max_tokens": max_new_tokens or self.max_new_tokens}
-        if tools:
+        if tools and self.tool_calls == "schema":
+            request["response_format"] = _call_format(tools, require_tool)
+        elif tools:
             request["tools"] = [{"type": "function", "function": {k: t[k] for k in ("name", "description",
                                                                                  "parameters")}} for t in tools]
             request["tool_choice"] = "required" if require_tool else "auto"
+            if require_tool and len(tools) == 1:  # named: engines then decode under that tool's own schema
+                request["tool_choice"] = {"type": "function", "function": {"name": tools[0]["name"]}}
         try:
-            if on_text is None:
+            if on_text is None or "response_format" in request:  # JSON is not words to stream
                 completion = self.client.chat.completions.create(**request)
                 choice = completion.choices[0]
                 text, calls = choice.message.content or "", [
@@ -87,6 +95,10 @@ class OpenAIThinker:
                                            f"({exc.status_code}): {exc.message}") from None
         except openai.APIError as exc:
             raise BackboneUnavailableError(f"the backbone at {self.base_url} cannot be reached: {exc}") from None
+        if "response_format" in request:
+            text, calls = _from_call_format(text, completion.id)
+            if on_text is not None and text:
+                on_text(text)
         parsed, malformed = [], []
         for call_id, name, arguments in calls:
             try:
@@ -118,3 +130,29 @@ class OpenAIThinker:
                         call[1] += delta.function.name or ""
                         call[2] += delta.function.arguments or ""
         return text, [tuple(calls[i]) for i in sorted(calls)], finish, usage
+
+
+def _call_format(tools: list[dict], require_tool: bool) -> dict:
+    """A JSON schema whose instances are one call of one of `tools` ({"name", "arguments"}) or, unless
+    a tool is required, a reply in words ({"reply"})."""
+    options = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    if not require_tool:
+        options.append({"type": "object", "properties": {"reply": {"type": "string"}}, "required": ["reply"],
+                        "additionalProperties": False})
+    return {"type": "json_schema", "json_schema": {"name": "tool_call_or_reply", "strict": True,
+                                                   "schema": {"anyOf": options}}}
+
+
+def _from_call_format(content: str, completion_id: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """(reply text, [(id, name, arguments JSON)]) from an answer under `_call_format`; text that is not
+    such JSON is kept as the reply (an engine that ignored the schema), never shown as JSON."""
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        return content, []
+    if isinstance(answer, dict) and isinstance(answer.get("name"), str) and "arguments" in answer:
+        return "", [(f"call-{completion_id}", answer["name"], json.dumps(answer["arguments"]))]
+    if isinstance(answer, dict) and isinstance(answer.get("reply"), str):
+        return answer["reply"], []
+    return "", []
