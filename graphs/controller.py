@@ -335,7 +335,7 @@ class Controller:
             reply = describe(tool_schemas(self._session_tools(config["configurable"]["thread_id"], state)),
                              getattr(self.thinker, "skills", list)())
         if self.guard:
-            reply = plain_links(reply)
+            reply = plain_links(reply).strip()
         if not reply:
             reply = "Here it is." if state.get("outputs") else \
                 "I have no answer to that. Could you say it another way?"

