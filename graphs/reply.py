@@ -14,7 +14,10 @@ import re
 
 from tools.summaries import key_fact
 
-_MARKUP = re.compile(r"<tool_call>|</tool_call>|<tool_response|\[(IMG|AUD|VID)\d+\]|^Result of |^Done\.\s+\w+:")
+# tool-call syntax, signal tokens, prompt echoes, and a call written as a bracketed line
+# ('[speak: "forest"]'): the model's shorthand for an action it did not take
+_MARKUP = re.compile(r"<tool_call>|</tool_call>|<tool_response|\[(IMG|AUD|VID)\d+\]|^Result of |^Done\.\s+\w+:"
+                     r"|^\[[a-z_]+:")
 
 
 def is_markup(text: str) -> bool:

@@ -35,13 +35,14 @@ def call(name: str, index: int = 0, **args) -> dict:
 @pytest.mark.parametrize("text", [
     '{"audio": "audio-1", "text": "hello"}', '[{"label": "cat"}]', '{"image": "image-1", "pro',
     'Here: {"image": "image-1"}', '<tool_call>{"name": "speak"}</tool_call>', "Done. transcribe: hello",
-    "Result of speak: I said it", "Here it is [IMG0][IMG1]",
+    "Result of speak: I said it", "Here it is [IMG0][IMG1]", '[transcribe: "forest"]', "[speak: forest]",
 ])
 def test_markup_is_never_a_reply(text):
     assert is_markup(text)
 
 
-@pytest.mark.parametrize("text", ["Here is a red circle.", "Done.", "The sum is {3 + 4} in braces? No: 7.", ""])
+@pytest.mark.parametrize("text", ["Here is a red circle.", "Done.", "The sum is {3 + 4} in braces? No: 7.", "",
+                                  "[Note: the meeting moved] It is at noon."])
 def test_words_are_a_reply(text):
     assert not is_markup(text)
 
