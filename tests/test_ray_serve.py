@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def on_ray(tmp_path_factory):
+def on_ray(tmp_path_factory, wait_until_answers):
     """The server on Ray; yields (url, ray) with this process connected to its cluster as a driver."""
     import ray
 
@@ -42,16 +42,8 @@ def on_ray(tmp_path_factory):
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the Ray deployments did not come up"
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_until_answers(f"{url}/readyz", process, timeout=300, what="the Ray deployments",
+                           log=lambda: process.stdout.read())
         ray.init(address="auto", log_to_driver=False)
         yield url, ray
     finally:

@@ -109,6 +109,10 @@ def test_the_same_session_id_names_two_sessions_and_nothing_crosses(tenants, tmp
 
     assert media(keys["acme"]) == 200
     assert media(keys["globex"]) == 404 and media("server-key") == 404
+    # nor by naming the thread itself: a session id in a path holds no '/', even encoded
+    for route in ("/v1/media/acme%2Fs1/image-1", "/v1/sessions/acme%2Fs1"):
+        response = httpx.get(f"{url}{route}", headers={"Authorization": "Bearer server-key"})
+        assert response.status_code == 404 or response.json()["turns"] == [], route
 
 
 def test_each_tenant_retrieves_from_its_own_knowledge_base(tenants, tmp_path):

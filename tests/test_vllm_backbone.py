@@ -13,10 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from agent.config import AgentConfig, RemoteBackbone
@@ -31,7 +29,7 @@ pytestmark = [pytest.mark.cluster,
 
 
 @pytest.fixture(scope="module")
-def vllm_url(tmp_path_factory):
+def vllm_url(tmp_path_factory, wait_until_answers):
     from models.assets import resolve
 
     folder = resolve("shipped:smollm2-135m-instruct")  # the folder `signalgraph models prepare` made
@@ -47,16 +45,8 @@ def vllm_url(tmp_path_factory):
                                     "hermes"], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600  # it compiles its model on first start
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM did not come up in 10 minutes"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        # it compiles its model on first start
+        wait_until_answers(f"{url}/health", process, timeout=600, what="vLLM", log=lambda: log.read_text()[-3000:])
         yield url
     finally:
         process.terminate()
