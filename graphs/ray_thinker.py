@@ -13,6 +13,7 @@ as their bytes, so a backbone replica on another node needs no shared disk.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import tempfile
 import threading
@@ -40,7 +41,8 @@ class BackboneReplica:
             item = dict(item)
             data = item.pop("data", None)
             if data is not None:
-                path = self._media / f"{item.get('id', 'media')}-{abs(hash(data))}{Path(item['path']).suffix}"
+                # by content, as the media store names its files: the same bytes are written once
+                path = self._media / f"{hashlib.sha256(data).hexdigest()}{Path(item['path']).suffix}"
                 if not path.exists():
                     path.write_bytes(data)
                 item["path"] = str(path)
