@@ -39,6 +39,10 @@ class AgentConfig(BaseModel):
     # a postgresql:// URL: sessions, knowledge base, workflow runs and media in one database that any
     # number of processes share (docs/scaling.md); default $SIGNALGRAPH_DATABASE_URL, else SQLite in data_dir
     database: str | None = None
+    # with a database: the bytes of new media in an S3-compatible bucket (s3://BUCKET/PREFIX), the
+    # ids staying in the database; default $SIGNALGRAPH_MEDIA_BUCKET. Credentials from AWS_* variables
+    media_bucket: str | None = None
+    media_bucket_endpoint: str | None = None  # e.g. http://minio:9000; default AWS's (or $AWS_ENDPOINT_URL)
     # folders whose files users may attach; anything else (../ included) is refused
     allowed_dirs: list[Path] = Field(default_factory=lambda: [Path.cwd()])
     tools: list[str] | None = None  # the default allowlist; None allows every tool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from functools import cached_property, partial
 from pathlib import Path
@@ -37,13 +38,30 @@ class Runtime:
             except Exception:
                 self.database.close()
                 raise
+        self.bucket = self._media_bucket()
         self.store = MediaStore(self.data_dir / "media", allowed_dirs=config.allowed_dirs, limits=self.profile.limits,
-                                database=self.database)  # on Postgres, the folder only caches the database's bytes
+                                database=self.database, bucket=self.bucket)  # on Postgres, the folder only caches
         self.pool = pool or default_pool()
         self._thinker = thinker
         self._tools: dict[str, list] = {}
         self._knowledge_bases: dict[str | None, object] = {}
         self._kb_lock = threading.Lock()
+
+    def _media_bucket(self):
+        """The configured S3-compatible bucket for media bytes, checked to answer, or None."""
+        url = self.config.media_bucket or os.environ.get("SIGNALGRAPH_MEDIA_BUCKET") or None
+        if url is None:
+            return None
+        from tools.media_bucket import MediaBucket
+
+        try:
+            bucket = MediaBucket(url, endpoint_url=self.config.media_bucket_endpoint)
+            bucket.check()
+        except Exception:
+            if self.database is not None:
+                self.database.close()
+            raise
+        return bucket
 
     @cached_property
     def knowledge_base(self):

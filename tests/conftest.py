@@ -140,3 +140,45 @@ def database(postgres_url):
     db.upgrade()
     yield db
     db.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto's, over HTTP) for the whole run, with test credentials in
+    the environment, as a deployment would set them; yields its endpoint URL."""
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("moto.server", reason="pip install 'moto[server]'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.NamedTemporaryFile("w+", prefix="signalgraph-s3-", suffix=".log")  # it logs every request
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ACCESS_KEY_ID": "signalgraph-test", "AWS_SECRET_ACCESS_KEY": "signalgraph-test",
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            env.setenv(name, value)
+        try:
+            _wait_until_answers(f"{endpoint}/moto-api/", process, timeout=60, what="the S3 server",
+                                log=lambda: open(log.name).read())
+            yield endpoint
+        finally:
+            process.terminate()
+            process.wait(30)
+            log.close()
+
+
+@pytest.fixture
+def media_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket of its own for this test, as an s3://bucket/prefix URL."""
+    import uuid
+
+    import boto3
+
+    name = f"media-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}/signalgraph"

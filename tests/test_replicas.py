@@ -32,11 +32,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def replica(tmp_path, name: str, database: str):
-    """`signalgraph serve --profile tiny` with its own data folder, on the shared database."""
+def replica(tmp_path, name: str, database: str, settings: str = ""):
+    """`signalgraph serve --profile tiny` with its own data folder, on the shared database, with
+    any further config `settings` (YAML lines)."""
     port = _free_port()
     config = tmp_path / f"{name}.yaml"
-    config.write_text(f"data_dir: {tmp_path / name}\ndatabase: {database}\n")
+    config.write_text(f"data_dir: {tmp_path / name}\ndatabase: {database}\n{settings}")
     process = subprocess.Popen([sys.executable, "-m", "agent.cli.main", "--profile", "tiny", "--config", str(config),
                                 "serve", "--port", str(port)], env=dict(os.environ), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

@@ -9,7 +9,8 @@ paths; LangGraph checkpoints bloat with base64 media). By default everything liv
 
 With `database=` (a `tools.database.Database`), the ids and the bytes live in Postgres instead
 (tools/media_store_pg.py), shared by every replica, and `root/blobs/` is only this replica's
-cache of them, laid out the same way: `MediaRecord.path` is a local file either way.
+cache of them, laid out the same way: `MediaRecord.path` is a local file either way. Adding
+`bucket=` (tools/media_bucket.py) keeps new bytes in an S3-compatible bucket, the ids in Postgres.
 
 Rules (here, once, whichever index stores the media):
 
@@ -44,11 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
-from models.errors import MediaError, SignalgraphError
+from models.errors import ConfigError, MediaError, SignalgraphError
 from models.specs import MediaLimits
 
 if TYPE_CHECKING:
     from tools.database import Database
+    from tools.media_bucket import MediaBucket
 
 MediaKind = Literal["image", "audio", "video"]
 Origin = Literal["user", "generated"]
@@ -184,22 +186,26 @@ class MediaStore:
     """Media files by id, per session. See the module docstring for the rules.
 
     `MediaStore(root, ...)` keeps everything under `root` (SQLite); `MediaStore(root, ...,
-    database=db)` keeps ids and bytes in that Postgres database and caches files under `root`."""
+    database=db)` keeps ids and bytes in that Postgres database and caches files under `root`;
+    `bucket=` moves the bytes of new media to an S3-compatible bucket."""
 
     def __init__(
         self, root: str | Path, *, allowed_dirs: Iterable[str | Path] = (), limits: MediaLimits = MediaLimits(),
-        database: Database | None = None,
+        database: Database | None = None, bucket: MediaBucket | None = None,
     ) -> None:
         self.root = Path(root).expanduser().resolve()
         self.allowed_dirs: list[Path] = [Path(d).expanduser().resolve() for d in allowed_dirs]
         self.limits = limits
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        if bucket is not None and database is None:
+            raise ConfigError("media_bucket needs a Postgres database (database: postgresql://...) to keep the "
+                              "media ids in; on the embedded default, media stay in the data folder")
         if database is None:
             self._index: MediaIndex = SqliteMediaIndex(self.root)
         else:
             from tools.media_store_pg import PgMediaIndex
 
-            self._index = PgMediaIndex(database, self.root)
+            self._index = PgMediaIndex(database, self.root, bucket)
 
     def close(self) -> None:
         self._index.close()

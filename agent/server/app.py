@@ -160,6 +160,11 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
                 await run_in_threadpool(runtime.database.version)
             except SignalgraphError as exc:
                 return JSONResponse({"status": "database unreachable", "detail": str(exc)}, status_code=503)
+        if runtime.bucket is not None:
+            try:
+                await run_in_threadpool(runtime.bucket.check)
+            except SignalgraphError as exc:
+                return JSONResponse({"status": "media bucket unreachable", "detail": str(exc)}, status_code=503)
         return {"status": "ready", "turns": queue.busy}
 
     # --- the web chat -------------------------------------------------------------------------
