@@ -1,11 +1,13 @@
 """Retrieval on Postgres: the pgvector knowledge base's HNSW search against an exact scan of the same
 rows, latency p50/p95 and recall@10, at N chunks.
 
-    python -m agent.bench.retrieval_pg --chunks 100000 [--database postgresql://...]
+    python -m agent.bench.retrieval_pg --chunks 100000 [--corpus synthetic|text] [--database postgresql://...]
 
 The vectors are agent/bench/retrieval.py's synthetic clustered unit vectors (384-d, MiniLM's
-width), loaded with a binary COPY straight into the store's table; opening the store then builds
-the collection's HNSW index, which is timed apart. Both searches are the store's
+width), or with `--corpus text` the shipped MiniLM's embeddings of real prose and held-out
+questions (agent/bench/text_corpus.py, embedded once and cached). They are loaded with a binary
+COPY straight into the store's table; opening the store then builds the collection's HNSW index,
+which is timed apart. Both searches are the store's
 `similarity_search_with_score_by_vector` (query vector given, round trips included), one store
 with `exact=True`: recall@10 is the share of the exact top 10 that the index finds. The exact
 scan is checked against numpy's top 10 too.
@@ -72,14 +74,20 @@ def _ms(samples: list[float], q: int) -> float:
     return round(float(np.percentile(samples, q)), 3)
 
 
-def retrieval_pg(n: int, url: str, *, queries: int = 200, k: int = 10, progress: bool = True) -> dict:
+def retrieval_pg(n: int, url: str, *, queries: int = 200, k: int = 10, progress: bool = True,
+                 corpus_name: str = "synthetic", cache: Path = Path("results/bench/text-corpus")) -> dict:
     from psycopg.conninfo import make_conninfo
     from tqdm import tqdm
 
     from tools.database import Database
     from tools.knowledge_base_pg import PgKnowledgeBase
 
-    vectors, probes = corpus(n, queries)
+    if corpus_name == "text":
+        from agent.bench.text_corpus import text_corpus
+
+        vectors, probes = text_corpus(n, queries, cache, progress=progress)
+    else:
+        vectors, probes = corpus(n, queries)
     embeddings = _Stored(vectors)
     # the index build is several times faster when the whole graph fits in memory (about 2.5 KiB a
     # 384-d chunk with pgvector's defaults)
@@ -114,7 +122,7 @@ def retrieval_pg(n: int, url: str, *, queries: int = 200, k: int = 10, progress:
         hnsw.drop_collection()
     finally:
         database.close()
-    return {"chunks": n, "queries": queries, "k": k, "dim": DIM, "fill_s": round(fill_s, 2),
+    return {"chunks": n, "corpus": corpus_name, "queries": queries, "k": k, "dim": DIM, "fill_s": round(fill_s, 2),
             "index_build_s": round(build_s, 2),
             "hnsw_p50_ms": _ms(hnsw_ms, 50), "hnsw_p95_ms": _ms(hnsw_ms, 95),
             "exact_p50_ms": _ms(exact_ms, 50), "exact_p95_ms": _ms(exact_ms, 95),
@@ -127,7 +135,8 @@ def report(r: dict) -> list[str]:
     """The result as a table: each search's latency and recall, and the exact scan's time over the index's."""
     speedup = {q: r[f"exact_{q}_ms"] / r[f"hnsw_{q}_ms"] if r[f"hnsw_{q}_ms"] else float("nan") for q in ("p50", "p95")}
     return [
-        f"retrieval on pgvector: {r['chunks']:,} chunks ({r['dim']}-d), {r['queries']} queries, k={r['k']}; "
+        f"retrieval on pgvector: {r['chunks']:,} {r.get('corpus', 'synthetic')} chunks ({r['dim']}-d), "
+        f"{r['queries']} queries, k={r['k']}; "
         f"COPY {r['fill_s']} s, HNSW build {r['index_build_s']} s",
         "",
         "| search | p50 ms | p95 ms | recall@k vs exact scan |",
@@ -147,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--corpus", choices=("synthetic", "text"), default="synthetic",
+                        help="synthetic clustered vectors, or embeddings of real text (agent/bench/text_corpus.py)")
     parser.add_argument("--database", help="a postgresql:// URL; without one, an embedded PostgreSQL is started")
     parser.add_argument("--out", default="results/bench/retrieval-pg")
     args = parser.parse_args(argv)
     with ExitStack() as stack:
         url = args.database or stack.enter_context(embedded_postgres("retrieval-pg-"))
-        result = retrieval_pg(args.chunks, url, queries=args.queries, k=args.k)
+        result = retrieval_pg(args.chunks, url, queries=args.queries, k=args.k, corpus_name=args.corpus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"retrieval-pg-{args.chunks}.json").write_text(json.dumps(result, indent=2))
+    (out / f"retrieval-pg-{args.corpus}-{args.chunks}.json").write_text(json.dumps(result, indent=2))
     print("\n".join(report(result)))
     return 0
 
