@@ -42,8 +42,8 @@ def test_keys_are_made_listed_revoked_and_stored_only_as_hashes(tmp_path):
     keys = ApiKeys(path=tmp_path / "keys.sqlite")
     record, key = keys.add("acme", "ops team")
     other, _ = keys.add("globex")
-    assert key.startswith("sg-") and len(key) > 40 and keys.tenant(key) == "acme"
-    assert keys.tenant(key + "x") is None and keys.tenant("") is None
+    assert key.startswith("sg-") and len(key) > 40 and keys.lookup(key)[0] == "acme"
+    assert keys.lookup(key + "x")[0] is None and keys.lookup("")[0] is None
     listed = [(k.id, k.tenant, k.name) for k in keys.list()]
     assert listed == [(record.id, "acme", "ops team"), (other.id, "globex", "")]
     keys.close()
@@ -51,7 +51,7 @@ def test_keys_are_made_listed_revoked_and_stored_only_as_hashes(tmp_path):
 
     keys = ApiKeys(path=tmp_path / "keys.sqlite")  # another process on the same file
     assert keys.revoke(record.id).revoked is not None
-    assert keys.tenant(key) is None and keys.any_active()
+    assert keys.lookup(key)[0] is None and keys.lookup("")[1]
     with pytest.raises(TenantError, match="revoked already"):
         keys.revoke(record.id)
     with pytest.raises(TenantError, match="keys list"):
@@ -159,9 +159,9 @@ def test_a_server_with_tenant_keys_is_closed_without_its_own_key(tmp_path, tiny_
 def test_keys_on_postgres_are_shared_by_every_replica(database):
     first, second = ApiKeys(database=database), ApiKeys(database=database)
     record, key = first.add("acme")
-    assert second.tenant(key) == "acme"
+    assert second.lookup(key)[0] == "acme"
     second.revoke(record.id)
-    assert first.tenant(key) is None and not first.any_active()
+    assert first.lookup(key)[0] is None and not first.lookup("")[1]
     with database.connection() as conn:
         stored = conn.execute("SELECT key_sha256 FROM api_keys").fetchone()["key_sha256"]
     assert key not in stored and len(stored) == 64

@@ -121,13 +121,12 @@ class ApiKeys:
             raise TenantError(f"there is no key {key_id!r}; `signalgraph keys list` shows them")
         return ApiKey(**rows[0])
 
-    def tenant(self, key: str) -> str | None:
-        """The tenant whose active key this is; None for any other string."""
-        rows = self._rows("SELECT tenant FROM api_keys WHERE key_sha256 = ? AND revoked IS NULL", (_digest(key),))
-        return rows[0]["tenant"] if rows else None
-
-    def any_active(self) -> bool:
-        return bool(self._rows("SELECT 1 AS one FROM api_keys WHERE revoked IS NULL LIMIT 1"))
+    def lookup(self, key: str) -> tuple[str | None, bool]:
+        """(the tenant whose active key this is, or None; whether any key is active), in one query:
+        what a request's authorization needs."""
+        rows = self._rows("SELECT (SELECT tenant FROM api_keys WHERE key_sha256 = ? AND revoked IS NULL) AS tenant, "
+                          "EXISTS (SELECT 1 FROM api_keys WHERE revoked IS NULL) AS any_active", (_digest(key),))
+        return rows[0]["tenant"], bool(rows[0]["any_active"])
 
     def close(self) -> None:
         if self._conn is not None:

@@ -119,13 +119,12 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, queue_size: int 
         """The request's tenant: None for the default one (an open server, or the single `api_key`)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
-        if token:
-            if api_key is not None and secrets.compare_digest(token.encode(), api_key.encode()):
-                return None
-            tenant = keys.tenant(token)
-            if tenant is not None:
-                return tenant
-        if api_key is None and not keys.any_active():
+        if token and api_key is not None and secrets.compare_digest(token.encode(), api_key.encode()):
+            return None
+        tenant, any_active = keys.lookup(token)
+        if tenant is not None:
+            return tenant
+        if api_key is None and not any_active:
             return None  # an open server: OpenAI's clients send some key whatever the server wants
         if not token:
             raise ApiError(401, "this server needs an API key: send 'Authorization: Bearer <key>'",
