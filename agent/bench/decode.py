@@ -3,7 +3,9 @@
 - single stream: `transformers`' greedy `generate` on the backbone as loaded (batch 1) against the
   decode scheduler serving the same prompts one at a time (LoRA merged, a lean loop); greedy
   drift is the share of prompts whose answer changed. A second row keeps the merged weights on
-  both sides, so it shows what the loop alone gains.
+  both sides, so it shows what the loop alone gains. Each single-stream row also stands against
+  its memory limit (agent/bench/memory_limit.py): the read bandwidth measured in this run over
+  the bytes of weights a step reads, in the precision it runs in.
 - concurrent sessions: N requests submitted at once, decoded together, against the same N
   requests served one after another by the same scheduler (aggregate tokens/s). Its ceiling is
   what no scheduler passes while a step for all rows costs at least a step for one: the tokens of
@@ -28,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from agent.bench.memory_limit import limit_row, read_bandwidth
 
 # Requests that ask for long answers, so that rows decode for most of the token budget.
 PROMPTS = [
@@ -136,6 +140,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
         return sum(len(o) for o in outs[:n]) / sum(times[:n])
 
     plain, merged, lone = (rate(k, n_single) for k in ("plain", "merged", "scheduled"))
+    bandwidth = timed(read_bandwidth)[0]  # in the decode thread, as the steps read
     drift = sum(a != b for a, b in zip(results["plain"][0], results["scheduled"][0])) / n_single
     rows = [
         {"benchmark": "single-stream decode", "setting": f"{profile_name}, batch 1, {n_single} prompts, "
@@ -148,6 +153,8 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
          "greedy_drift": round(sum(a != b for a, b in zip(results["merged"][0], results["scheduled"][0]))
                                / n_single, 3), "threads": torch.get_num_threads()},
     ]
+    for row in rows:
+        row.update(limit_row(lone, fast, bandwidth))
     peak = {"rows": 0, "joins": 0}
     scheduler.on_step = lambda n: peak.__setitem__("rows", max(peak["rows"], n))
     scheduler.on_join = lambda n: peak.__setitem__("joins", peak["joins"] + 1)
@@ -176,7 +183,7 @@ def decode_benchmarks(profile_name: str = "local", *, sessions: tuple[int, ...] 
     bar.update()
     bar.set_postfix_str("bf16")
     rows += _bf16_rows(loaded, stops, embeds[:n_single], new_tokens, timed, cut, processors, results, plain,
-                       profile_name)
+                       profile_name, bandwidth)
     bar.update()
     bar.set_postfix_str("second turns")
     turns = min(4, n_single)
@@ -275,12 +282,12 @@ def _sustained(model, mm, prompts, sessions, new_tokens, timed, cut, processors,
             "same_tokens_as_one_at_a_time": answers == [o for o, _ in alone], "threads": torch.get_num_threads()}
 
 
-def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, results, plain, profile_name):
+def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, results, plain, profile_name, bandwidth):
     """The same requests on a bf16 decode copy: one at a time and all at once, and what changed."""
     from models.decoding import decode_model
 
-    alone, seconds, together, spent = _alone_then_together(decode_model(loaded, torch.bfloat16), stops, embeds,
-                                                           new_tokens, timed, processors, cut)
+    bf16 = decode_model(loaded, torch.bfloat16)
+    alone, seconds, together, spent = _alone_then_together(bf16, stops, embeds, new_tokens, timed, processors, cut)
     fp32_outs, fp32_times = results["scheduled"]
     fp32_rate = sum(len(o) for o in fp32_outs) / sum(fp32_times)
     lone = sum(len(o) for o in alone) / seconds
@@ -291,7 +298,8 @@ def _bf16_rows(loaded, stops, embeds, new_tokens, timed, cut, processors, result
         {"benchmark": "single-stream decode, bf16", "setting": f"{profile_name}, batch 1, {n} prompts",
          "value": round(lone, 2), "unit": "tokens/s", "baseline": round(plain, 2),
          "baseline_unit": "tokens/s, transformers generate on the backbone as loaded (fp32)",
-         "ratio": round(lone / plain, 2), "greedy_drift_vs_fp32": drift, "threads": torch.get_num_threads()},
+         "ratio": round(lone / plain, 2), "greedy_drift_vs_fp32": drift, "threads": torch.get_num_threads(),
+         **limit_row(lone, bf16, bandwidth)},
         {"benchmark": "concurrent sessions, bf16", "setting": f"{profile_name}, {n} sessions, ≤{new_tokens} new tokens",
          "value": round(batched, 2), "unit": "tokens/s (all sessions)", "baseline": round(fp32_rate, 2),
          "baseline_unit": "tokens/s, the same requests one at a time (fp32)", "ratio": round(batched / fp32_rate, 2),

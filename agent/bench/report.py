@@ -212,6 +212,9 @@ def _cells(row: dict) -> list[str]:
     value = f"{_number(row['value'])} {row['unit']}".strip()
     if row.get("note"):
         value += f" ({row['note']})"
+    if row.get("of_memory_limit") is not None:  # decode rows: how near the weights' read time they come
+        value += (f", {row['of_memory_limit']:.0%} of its memory limit ({_number(row['memory_limit_tokens_s'])} "
+                  f"tokens/s: {_number(row['bytes_per_token_mb'])} MB a token at {row['read_bandwidth_gb_s']} GB/s)")
     baseline = "—" if row["baseline"] is None else \
         f"{_number(row['baseline'])} {row.get('baseline_unit', row['unit'])}".strip()
     if row["ratio"] is None:
