@@ -350,7 +350,9 @@ class MMLLM(nn.Module):
             # LoRA merged for decoding, rebuilt (and reused prefixes dropped) when training changes a weight:
             # tensors count their in-place writes
             version = weights_version(self.backbone.model)
-            self._decoder.use(decode_model(self.backbone.model, version=version), version)
+            dtype = self.profile.backbone.decode_dtype
+            self._decoder.use(decode_model(self.backbone.model, None if dtype == "auto" else getattr(torch, dtype),
+                                           version=version), version)
             return self._decoder
 
     @torch.no_grad()

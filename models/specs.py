@@ -82,6 +82,9 @@ class BackboneSpec(Placement):
     lora: LoraSpec | None = None
     system_prompt: str | None = None
     max_new_tokens: int = Field(256, ge=1)
+    # the precision the decode scheduler's copy of the weights runs in ("auto": the backbone's own);
+    # training, and the hidden states that feed the output projectors, keep the backbone's
+    decode_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @field_validator("signal_tokens")
     @classmethod

@@ -128,3 +128,17 @@ def test_batched_generation_matches_one_at_a_time(mm):
     assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
     assert [b.text for b in batched] == [a.text for a in alone]
     assert len({tuple(b.token_ids) for b in batched}) > 1  # rows differ, so a mix-up would show
+
+
+def test_the_decode_copy_runs_in_the_profiles_decode_dtype(tiny_profile):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    profile = tiny_profile.model_copy(update={"backbone": tiny_profile.backbone.model_copy(
+        update={"decode_dtype": "bfloat16"})})
+    mm = MMLLM.from_profile(profile, require_trained=False)
+    out = mm.generate([{"role": "user", "content": "what is this?"}], images=[Image.new("RGB", (40, 30), "red")],
+                      max_new_tokens=4)
+    assert 1 <= len(out.token_ids) <= 4
+    assert mm.decoder.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert next(mm.backbone.model.parameters()).dtype == torch.float32  # training keeps its precision
