@@ -8,8 +8,6 @@ boto3 as the client, real media files and real server processes.
 
 from __future__ import annotations
 
-import base64
-import io
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -17,10 +15,8 @@ from pathlib import Path
 
 import boto3
 import httpx
-import openai
 import pytest
-from PIL import Image
-from test_media_store import _png_bytes, allowed  # noqa: F401 - the shared fixture
+from test_media_store import allowed  # noqa: F401 - the shared fixture
 from test_media_store_pg import (  # noqa: F401 - the Postgres store's tests, collected again with a bucket
     test_a_deleted_session_is_gone_for_every_replica,
     test_a_replica_with_an_empty_folder_serves_every_medium,
@@ -36,7 +32,7 @@ from test_media_store_pg import (  # noqa: F401 - the Postgres store's tests, co
     test_the_same_user_bytes_through_either_replica_keep_one_id,
     test_uploaded_bytes,
 )
-from test_replicas import MODEL, _free_port
+from test_replicas import _free_port, send_picture
 from test_replicas import replica as serving_replica
 
 from models.errors import ConfigError, MediaError
@@ -138,18 +134,13 @@ def test_two_servers_share_media_through_the_bucket(tmp_path, postgres_url, medi
     settings = f"media_bucket: {media_bucket}\nmedia_bucket_endpoint: {s3_endpoint}\n"
     with ExitStack() as stack:
         (a, _), (b, _) = [stack.enter_context(serving_replica(tmp_path, name, postgres_url, settings)) for name in "ab"]
-        png = io.BytesIO()
-        Image.new("RGB", (16, 16), (30, 200, 30)).save(png, format="PNG")
-        picture = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-        client = openai.OpenAI(base_url=f"{a}/v1", api_key="unused", max_retries=0, timeout=120)
-        client.chat.completions.create(model=MODEL, user="shared", max_tokens=8, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "Here is a picture."}, {"type": "image_url", "image_url": {"url": picture}}]}])
+        sent = send_picture(a, "shared", (30, 200, 30))
         fetched = httpx.get(f"{b}/v1/media/shared/image-1", timeout=30)
-        assert fetched.status_code == 200 and fetched.content == png.getvalue()
+        assert fetched.status_code == 200 and fetched.content == sent
         assert httpx.get(f"{b}/readyz").json()["status"] == "ready"
     name = media_bucket.removeprefix("s3://").split("/")[0]
     stored = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=name)["Contents"]
-    assert len(stored) == 1 and stored[0]["Size"] == len(png.getvalue())
+    assert len(stored) == 1 and stored[0]["Size"] == len(sent)
 
 
 def test_a_server_whose_bucket_is_unreachable_stops_with_one_line(tmp_path, postgres_url):

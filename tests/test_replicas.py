@@ -65,6 +65,17 @@ def ask(url: str, session: str, text: str, **kwargs):
                                           **{"max_tokens": 8, **kwargs})
 
 
+def send_picture(url: str, session: str, colour: tuple[int, int, int]) -> bytes:
+    """A turn with a small PNG of one colour attached; returns the PNG's bytes."""
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(png, format="PNG")
+    picture = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client.chat.completions.create(model=MODEL, user=session, max_tokens=8, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Here is a picture."}, {"type": "image_url", "image_url": {"url": picture}}]}])
+    return png.getvalue()
+
+
 def users(url: str, session: str) -> list[str]:
     return [t["user"] for t in httpx.get(f"{url}/v1/sessions/{session}", timeout=30).json()["turns"]]
 
@@ -94,14 +105,9 @@ def test_replicas_share_sessions_survive_a_kill_and_keep_concurrent_histories_ex
     assert users(a, "moving") == users(b, "moving") == ["first, on a", "second, on b"]
 
     # media a replica stored come from the other, whose own folder never held them
-    png = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(png, format="PNG")
-    picture = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-    client = openai.OpenAI(base_url=f"{a}/v1", api_key="unused", max_retries=0, timeout=120)
-    client.chat.completions.create(model=MODEL, user="moving", max_tokens=8, messages=[{"role": "user", "content": [
-        {"type": "text", "text": "Here is a picture."}, {"type": "image_url", "image_url": {"url": picture}}]}])
+    sent = send_picture(a, "moving", (200, 30, 30))
     fetched = httpx.get(f"{b}/v1/media/moving/image-1", timeout=30)
-    assert fetched.status_code == 200 and fetched.content == png.getvalue()
+    assert fetched.status_code == 200 and fetched.content == sent
 
     # 8 sessions at once, turns spread over both replicas: every history exact, in order
     def session(n: int) -> list[str]:
