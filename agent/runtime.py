@@ -203,6 +203,24 @@ class Runtime:
             else None,
         )
 
+    def warm_up(self) -> None:
+        """Do the first turn's one-time work before serving: the backbone's decode copy, the
+        tool-call grammar of the default tool set, the embedder. A load balancer then sends the
+        first user to a server whose first turn costs what any turn does."""
+        from langchain_core.messages import HumanMessage
+
+        from tools.expert_tools import tool_schemas
+
+        session = "warm-up"  # its tools are built and dropped; nothing is stored for it
+        try:
+            if self.knowledge_base is not None:
+                self.knowledge_base.embeddings.embed_query("warm-up")
+            if self.config.backbone is None:  # an engine elsewhere warms itself
+                self.thinker.think([HumanMessage("Hello")], tools=tool_schemas(self.tools(session)), passages=[],
+                                   media=[], max_new_tokens=1)
+        finally:
+            self._tools.pop(session, None)
+
     def close(self) -> None:
         if "controller" in self.__dict__:
             self.controller.close()

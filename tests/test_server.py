@@ -499,3 +499,20 @@ def test_an_action_that_needs_confirmation_waits_in_the_session_for_yes(running,
         assert done.model_extra["signalgraph"]["pending"] is None
         (mail,) = (tmp_path / "outbox").iterdir()
         assert json.loads(mail.read_text()) == {"to": "bob@example.com", "text": "hi"}
+
+
+def test_warming_up_does_the_first_turns_one_time_work(tmp_path, tiny_profile):
+    from models.decoding.constrained import compile_stats
+
+    served = runtime(tmp_path, tiny_profile)
+    try:
+        compiled = compile_stats["compiled"]
+        served.warm_up()
+        assert compile_stats["compiled"] == compiled + 1  # the default tool set's grammar
+        assert served.thinker.mm._decoder is not None and "warm-up" not in served._tools
+        hits = compile_stats["cache_hits"]
+        served.controller.turn("s1", "hello")
+        assert compile_stats["compiled"] == compiled + 1 and compile_stats["cache_hits"] > hits
+        assert served.controller.sessions() == ["s1"]  # the warm-up left no session behind
+    finally:
+        served.close()

@@ -40,6 +40,8 @@ def serve(args) -> int:
     try:
         print(f"loading the {runtime.profile.name} profile's backbone…", flush=True)
         app = create_app(runtime, api_key=key, queue_size=args.queue, max_concurrency=args.max_concurrency)
+        print("warming up (the decode copy, the tool-call grammar, the embedder)…", flush=True)
+        runtime.warm_up()
         where = f"http://{args.host}:{args.port}/"
         tenants = sorted({k.tenant for k in runtime.api_keys.list() if k.active})
         guard = (f" (tenant keys for {', '.join(tenants)}" + (", and the server's key)" if key else ")") if tenants
