@@ -71,12 +71,14 @@ class PgKnowledgeBase(_ChunkStore):
     """A vector store of text chunks in one collection of a shared Postgres database."""
 
     def __init__(
-        self, database: Database, embedding: Embeddings, *, collection: str = "default", exact: bool = False
+        self, database: Database, embedding: Embeddings, *, collection: str = "default", exact: bool = False,
+        ef_search: int = _EF_SEARCH,
     ) -> None:
         self.database = database
         self.embedding = embedding
         self.collection = collection
         self.exact = exact
+        self.ef_search = ef_search  # candidates the index keeps while it searches: recall against time
         self._recorded: tuple[int, str | None] | None = None  # (dim, embedder) once the collection has them
         with database.connection() as conn:
             if conn.execute("SELECT to_regclass('public.kb_documents') AS t").fetchone()["t"] is None:
@@ -250,7 +252,7 @@ class PgKnowledgeBase(_ChunkStore):
                 conn.execute(
                     "SELECT set_config('hnsw.ef_search', %s, true), "
                     "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
-                    (str(min(max(_EF_SEARCH, n), _EF_SEARCH_MAX)),),
+                    (str(min(max(self.ef_search, n), _EF_SEARCH_MAX)),),
                 )
                 # a relaxed-order scan may hand rows back slightly out of order: sorted after
                 rows = conn.execute(

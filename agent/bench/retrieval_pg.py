@@ -75,7 +75,8 @@ def _ms(samples: list[float], q: int) -> float:
 
 
 def retrieval_pg(n: int, url: str, *, queries: int = 200, k: int = 10, progress: bool = True,
-                 corpus_name: str = "synthetic", cache: Path = Path("results/bench/text-corpus")) -> dict:
+                 corpus_name: str = "synthetic", cache: Path = Path("results/bench/text-corpus"),
+                 ef_sweep: tuple[int, ...] = ()) -> dict:
     from psycopg.conninfo import make_conninfo
     from tqdm import tqdm
 
@@ -107,7 +108,7 @@ def retrieval_pg(n: int, url: str, *, queries: int = 200, k: int = 10, progress:
         exact = PgKnowledgeBase(database, embeddings, collection=collection, exact=True)
         for store in (hnsw, exact):  # page the table and the index in once
             store.similarity_search_with_score_by_vector(probes[0].tolist(), k=k)
-        hnsw_ms, exact_ms, recalls, exact_recalls = [], [], [], []
+        hnsw_ms, exact_ms, recalls, exact_recalls, truths = [], [], [], [], []
         for probe in tqdm(probes, desc=f"searching {n:,}", unit="query", disable=not progress):
             query = probe.tolist()
             found, ms = timed_ms(lambda: hnsw.similarity_search_with_score_by_vector(query, k=k))
@@ -115,10 +116,13 @@ def retrieval_pg(n: int, url: str, *, queries: int = 200, k: int = 10, progress:
             truth, ms = timed_ms(lambda: exact.similarity_search_with_score_by_vector(query, k=k))
             exact_ms.append(ms)
             truth_ids = {doc.id for doc, _ in truth}
+            truths.append(truth_ids)
             recalls.append(len({doc.id for doc, _ in found} & truth_ids) / k)
             numpy_ids = {f"chunk-{row}" for row in exact_top_k(vectors, probe, k).tolist()}
             exact_recalls.append(len(truth_ids & numpy_ids) / k)
-        index_scans = _index_scans(database, hnsw.index_name, queries + 1)
+        sweep = [_with_ef(PgKnowledgeBase(database, embeddings, collection=collection, ef_search=ef), probes, truths, k)
+                 for ef in tqdm(ef_sweep, desc="ef_search sweep", unit="setting", disable=not progress)]
+        index_scans = _index_scans(database, hnsw.index_name, queries + 1 + queries * len(ef_sweep))
         hnsw.drop_collection()
     finally:
         database.close()
@@ -126,9 +130,21 @@ def retrieval_pg(n: int, url: str, *, queries: int = 200, k: int = 10, progress:
             "index_build_s": round(build_s, 2),
             "hnsw_p50_ms": _ms(hnsw_ms, 50), "hnsw_p95_ms": _ms(hnsw_ms, 95),
             "exact_p50_ms": _ms(exact_ms, 50), "exact_p95_ms": _ms(exact_ms, 95),
-            "hnsw_searches": queries + 1, "hnsw_index_scans": index_scans,
+            "hnsw_searches": queries + 1 + queries * len(ef_sweep), "hnsw_index_scans": index_scans,
+            "ef_search": hnsw.ef_search, "ef_sweep": sweep,
             "recall_at_k": round(float(np.mean(recalls)), 4),
             "exact_recall_at_k": round(float(np.mean(exact_recalls)), 4)}
+
+
+def _with_ef(store, probes: np.ndarray, truths: list[set[str]], k: int) -> dict:
+    """Latency and recall@k of the same searches with the store's own ef_search."""
+    times, recalls = [], []
+    for probe, truth in zip(probes, truths):
+        found, ms = timed_ms(lambda: store.similarity_search_with_score_by_vector(probe.tolist(), k=k))
+        times.append(ms)
+        recalls.append(len({doc.id for doc, _ in found} & truth) / k)
+    return {"ef_search": store.ef_search, "p50_ms": _ms(times, 50), "p95_ms": _ms(times, 95),
+            "recall_at_k": round(float(np.mean(recalls)), 4)}
 
 
 def report(r: dict) -> list[str]:
@@ -141,7 +157,10 @@ def report(r: dict) -> list[str]:
         "",
         "| search | p50 ms | p95 ms | recall@k vs exact scan |",
         "|---|---:|---:|---:|",
-        f"| HNSW (cosine) | {r['hnsw_p50_ms']} | {r['hnsw_p95_ms']} | {r['recall_at_k']} |",
+        f"| HNSW (cosine), ef_search {r.get('ef_search', 200)} | {r['hnsw_p50_ms']} | {r['hnsw_p95_ms']} | "
+        f"{r['recall_at_k']} |",
+        *[f"| HNSW (cosine), ef_search {s['ef_search']} | {s['p50_ms']} | {s['p95_ms']} | {s['recall_at_k']} |"
+          for s in r.get("ef_sweep", [])],
         f"| exact scan | {r['exact_p50_ms']} | {r['exact_p95_ms']} | 1.0 (vs numpy: {r['exact_recall_at_k']}) |",
         f"| exact / HNSW | {speedup['p50']:.1f}x | {speedup['p95']:.1f}x | |",
         "",
@@ -158,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--corpus", choices=("synthetic", "text"), default="synthetic",
                         help="synthetic clustered vectors, or embeddings of real text (agent/bench/text_corpus.py)")
+    parser.add_argument("--ef-sweep", type=int, nargs="*", default=[],
+                        help="also search the same index with these ef_search values (recall against time)")
     parser.add_argument("--database", help="a postgresql:// URL; without one, an embedded PostgreSQL is started")
     parser.add_argument("--out", default="results/bench/retrieval-pg")
     args = parser.parse_args(argv)
     with ExitStack() as stack:
         url = args.database or stack.enter_context(embedded_postgres("retrieval-pg-"))
-        result = retrieval_pg(args.chunks, url, queries=args.queries, k=args.k, corpus_name=args.corpus)
+        result = retrieval_pg(args.chunks, url, queries=args.queries, k=args.k, corpus_name=args.corpus,
+                              ef_sweep=tuple(args.ef_sweep))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"retrieval-pg-{args.corpus}-{args.chunks}.json").write_text(json.dumps(result, indent=2))
