@@ -24,7 +24,6 @@ from langchain_tests.integration_tests.vectorstores import VectorStoreIntegratio
 from psycopg.conninfo import make_conninfo
 from test_knowledge_base import WordHashEmbeddings
 
-import tools.knowledge_base_pg as knowledge_base_pg
 from agent.bench.retrieval import _Stored
 from tools.database import Database
 from tools.knowledge_base import KnowledgeBase, KnowledgeBaseError
@@ -283,7 +282,7 @@ def index_only(database) -> Iterator[Database]:
     forced.close()
 
 
-def test_hnsw_recall_at_10_against_the_exact_scan(index_only, monkeypatch):
+def test_hnsw_recall_at_10_against_the_exact_scan(index_only):
     # random unit vectors are the hard case for a graph index (no clusters to follow)
     n, dim, k = 3000, 64, 10
     rng = np.random.default_rng(0)
@@ -316,5 +315,5 @@ def test_hnsw_recall_at_10_against_the_exact_scan(index_only, monkeypatch):
     truth = exact.similarity_search_with_score_by_vector(probes[0], k)
     assert_same_hits(truth[:3], hnsw.similarity_search_with_score_by_vector(probes[0], k)[:3])
     # the index is really what answers: starved of candidates, its recall drops
-    monkeypatch.setattr(knowledge_base_pg, "_EF_SEARCH", k)
+    hnsw.ef_search = k
     assert recall() < 0.95
