@@ -205,16 +205,18 @@ class Runtime:
 
     def warm_up(self) -> None:
         """Do the first turn's one-time work before serving: the backbone's decode copy, the
-        tool-call grammar of the default tool set, the embedder. A load balancer then sends the
-        first user to a server whose first turn costs what any turn does."""
+        tool-call grammar of the default tool set, the embedder (when the knowledge base holds
+        anything). A load balancer then sends the first user to a server whose first turn costs
+        what any turn does."""
         from langchain_core.messages import HumanMessage
 
         from tools.expert_tools import tool_schemas
 
         session = "warm-up"  # its tools are built and dropped; nothing is stored for it
         try:
-            if self.knowledge_base is not None:
-                self.knowledge_base.embeddings.embed_query("warm-up")
+            knowledge_base = self.knowledge_base  # a turn embeds its query only when there is something to find
+            if knowledge_base is not None and self.config.retrieve_k and knowledge_base.count():
+                knowledge_base.embeddings.embed_query("warm-up")
             if self.config.backbone is None:  # an engine elsewhere warms itself
                 self.thinker.think([HumanMessage("Hello")], tools=tool_schemas(self.tools(session)), passages=[],
                                    media=[], max_new_tokens=1)
