@@ -32,13 +32,14 @@ class Runtime:
         self.data_dir = Path(config.data_dir).expanduser()
         url = database_url(config.database)
         self.database = Database(url) if url else None
-        if self.database is not None:
-            try:
+        try:
+            if self.database is not None:
                 self.database.check()  # an older schema: refuse, and say `signalgraph db upgrade`
-            except Exception:
+            self.bucket = self._media_bucket()
+        except Exception:
+            if self.database is not None:
                 self.database.close()
-                raise
-        self.bucket = self._media_bucket()
+            raise
         self.store = MediaStore(self.data_dir / "media", allowed_dirs=config.allowed_dirs, limits=self.profile.limits,
                                 database=self.database, bucket=self.bucket)  # on Postgres, the folder only caches
         self.pool = pool or default_pool()
@@ -54,13 +55,8 @@ class Runtime:
             return None
         from tools.media_bucket import MediaBucket
 
-        try:
-            bucket = MediaBucket(url, endpoint_url=self.config.media_bucket_endpoint)
-            bucket.check()
-        except Exception:
-            if self.database is not None:
-                self.database.close()
-            raise
+        bucket = MediaBucket(url, endpoint_url=self.config.media_bucket_endpoint)
+        bucket.check()
         return bucket
 
     @cached_property

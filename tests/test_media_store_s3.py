@@ -111,7 +111,7 @@ def test_a_bucket_that_fails_loses_nothing(tmp_path, allowed, database, store, p
     before = store.add_file("s1", allowed / "red.png")
     down = MediaBucket(store._index.bucket.url, endpoint_url=f"http://127.0.0.1:{_free_port()}")
     with MediaStore(tmp_path / "down", allowed_dirs=[allowed], database=database, bucket=down) as broken:
-        with pytest.raises(BucketUnavailableError, match="could not read from the media bucket"):
+        with pytest.raises(BucketUnavailableError, match="could not write to the media bucket"):
             broken.add_file("s1", allowed / "blue.png")
         with pytest.raises(BucketUnavailableError):
             down.check()

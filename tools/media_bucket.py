@@ -62,10 +62,8 @@ class MediaBucket:
         self._call("reach", lambda: self._client.head_bucket(Bucket=self.bucket))
 
     def put(self, sha256: str, suffix: str, data: bytes) -> None:
-        """Store the bytes unless the bucket has them already (the name is their hash)."""
+        """Store the bytes under their hash's name; writing the same bytes again changes nothing."""
         key = self.key(sha256, suffix)
-        if self._exists(key):
-            return
         self._call("write to", lambda: self._client.put_object(
             Bucket=self.bucket, Key=key, Body=data, ContentType=_CONTENT_TYPES.get(suffix, "application/octet-stream")))
 
@@ -87,13 +85,6 @@ class MediaBucket:
             chunk = keys[first:first + 1000]
             self._call("delete from", lambda chunk=chunk: self._client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}))
-
-    def _exists(self, key: str) -> bool:
-        try:
-            self._call("read from", lambda: self._client.head_object(Bucket=self.bucket, Key=key))
-        except _Missing:
-            return False
-        return True
 
     def _call(self, doing: str, call):
         from botocore.exceptions import BotoCoreError, ClientError

@@ -79,7 +79,7 @@ def chunks(n: int, sources: tuple[Path, ...] = SOURCES) -> list[str]:
 def queries(n: int, exclude: set[str]) -> list[str]:
     """`n` sentences of Signalgraph's docs, spread evenly, none of them a chunk."""
     found = [s for path in sorted(QUERY_SOURCE.rglob("*.md")) for s in sentences(path.read_text())]
-    found = sorted(set(found) - exclude, key=found.index)
+    found = [s for s in dict.fromkeys(found) if s not in exclude]  # once each, in order
     if len(found) < n:
         raise SystemExit(f"only {len(found)} query sentences in {QUERY_SOURCE}; ask for fewer")
     return [found[i * len(found) // n] for i in range(n)]
